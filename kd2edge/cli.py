@@ -1,0 +1,221 @@
+"""`kd2edge`: the command line. Thin: parse, call one library function, print.
+
+Stage commands live beside their stage (`kd2edge/<pkg>/cli.py`) and are loaded
+lazily, so `kd2edge --help` and `kd2edge profiles list` never import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from kd2edge import __version__
+from kd2edge.cli_common import (config_option, emit, fail_line, info, json_option, profile_option,
+                                table)
+from kd2edge.errors import Interrupted, Kd2EdgeError
+
+# name -> (module, attribute, one-line help shown in `kd2edge --help`)
+LAZY_COMMANDS = {
+    "plan": ("kd2edge.distill.cli", "plan", "List candidate students for a profile and pick one."),
+    "distill": ("kd2edge.distill.cli", "distill", "Distill a student from a teacher."),
+    "generate-data": ("kd2edge.distill.cli", "generate_data", "Have the teacher write answers or rationales for training."),
+    "quantize": ("kd2edge.quant.cli", "quantize", "Quantize a model to 4 bits with GPTQ (or RTN)."),
+    "export": ("kd2edge.export.cli", "export", "Export a quantized model to ONNX with a KV cache."),
+    "generate": ("kd2edge.export.cli", "generate", "Answer a question with an exported artifact."),
+    "profile": ("kd2edge.profiling.cli", "profile", "Measure latency, memory and size against the budgets."),
+    "evaluate": ("kd2edge.evaluate.cli", "evaluate", "Score QA accuracy (EM/F1, accuracy, Rouge-L)."),
+    "package": ("kd2edge.package.cli", "package", "Write a Docker build context for a profile."),
+    "serve": ("kd2edge.package.cli", "serve", "Serve an exported artifact over HTTP."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose stage commands are imported only when invoked."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            module, attr, _ = LAZY_COMMANDS[name]
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError):
+                return _missing_command(name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(n, LAZY_COMMANDS[n][2] if n in LAZY_COMMANDS else self.commands[n].get_short_help_str(60))
+                for n in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _missing_command(name: str) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def command():
+        raise Kd2EdgeError(f"`kd2edge {name}` is not built in this version ({__version__})")
+    return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kd2edge")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """kd2edge: teacher LLM -> distilled, 4-bit GPTQ, ONNX artifact for an edge device.
+
+    \b
+    Quick start (offline, embedded teacher and data):
+      kd2edge run --profile laptop-cpu --out runs/demo
+    """
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+@cli.command()
+@profile_option
+@config_option
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
+              help="Run folder: one sub-folder per stage, report.json and report.html.")
+@click.option("--teacher", default=None, help="Teacher: 'embedded', a hub id, a folder or a .gguf file.")
+@click.option("--student", default=None, help="Student: a hub id or folder sharing the teacher's tokenizer. [default: planned from the teacher]")
+@click.option("--data", default=None, help="Dataset: 'embedded', a hub id, or a SQuAD JSON / JSONL file.")
+@click.option("--steps", type=int, default=None, help="Distillation optimizer steps.")
+@click.option("--seed", type=int, default=None)
+@click.option("--force", is_flag=True, help="Rerun every stage even if its output is up to date.")
+@click.option("--no-gate", is_flag=True, help="Report budgets without failing the run.")
+@click.option("--print-config", is_flag=True, help="Print the fully resolved config as JSON and exit.")
+@json_option
+def run(profile, config_file, out, teacher, student, data, steps, seed, force, no_gate, print_config, as_json):
+    """Run every stage in order: distill, quantize, export, profile, evaluate, package.
+
+    A rerun skips the stages whose output already matches their config and input,
+    so a run that was stopped resumes where it stopped.
+    """
+    from kd2edge.config import dump_config, load_config
+    from kd2edge.pipeline import run_pipeline
+
+    overrides = {"teacher": teacher, "data": data, "seed": seed, "distill.student": student,
+                 "distill.steps": steps, "profiling.gate": False if no_gate else None}
+    config = load_config(config_file, profile=profile, overrides=overrides)
+    if print_config:
+        click.echo(dump_config(config), nl=False)
+        return
+    out_dir = Path(out)
+    info(f"kd2edge {__version__}: profile {config.profile.name}, teacher {config.teacher}, run folder {out_dir}")
+
+    def on_stage(stage, event):
+        _CURRENT_STAGE[0] = stage if event == "start" else None
+        if event == "start":
+            info(f"== {stage}")
+        else:
+            info(f"   {stage}: {event}")
+
+    report = run_pipeline(config, out_dir, force=force, on_stage=on_stage)
+    emit(report, as_json, _run_summary)
+
+
+def _run_summary(report: dict) -> str:
+    lines = [f"profile {report['profile']}"]
+    for stage, s in report["stages"].items():
+        lines.append(f"  {stage:<9} {s['status']:<8} {s.get('reason') or s.get('path') or ''}")
+    q = report.get("quality", {})
+    if "retention_f1" in q:
+        lines.append(f"retention F1 {q['retention_f1']:.3f} (teacher F1 {q['teacher']['f1']:.3f}, deployed {q['deployed']['f1']:.3f})")
+    rows = [[k, v.get("limit"), v.get("value"), {True: "pass", False: "FAIL", None: "-"}[v.get("pass")]]
+            for k, v in report["budgets"].items()]
+    lines.append(table(rows, ["budget", "limit", "value", "verdict"]))
+    verdict = {True: "PASS", False: "FAIL", None: "INCOMPLETE (missing: " + ", ".join(report.get("missing_stages", [])) + ")"}
+    lines.append(f"overall: {verdict[report['pass']]}")
+    return "\n".join(lines)
+
+
+@cli.group()
+def profiles():
+    """Device profiles: list them or show one."""
+
+
+@profiles.command("list")
+@json_option
+def profiles_list(as_json):
+    """List the built-in device profiles."""
+    from kd2edge.profiles import list_profiles
+    from kd2edge.schema import to_dict
+    from kd2edge.units import format_bytes
+
+    items = list_profiles()
+    rows = [[p.name, p.hardware.arch, p.hardware.cores, format_bytes(p.hardware.memory),
+             ",".join(e.replace("ExecutionProvider", "") for e in p.runtime.execution_providers),
+             p.description[:60]] for p in items]
+    emit([to_dict(p) for p in items], as_json, table(rows, ["name", "arch", "cores", "memory", "providers", "description"]))
+
+
+@profiles.command("show")
+@click.argument("name")
+@json_option
+def profiles_show(name, as_json):
+    """Show one profile (a name or a .toml file), fully resolved."""
+    import json
+
+    from kd2edge.profiles import load_profile
+    from kd2edge.schema import to_dict
+
+    data = to_dict(load_profile(name))
+    emit(data, as_json, lambda d: json.dumps(d, indent=2))
+
+
+_CURRENT_STAGE: list[str | None] = [None]
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted("stopped by SIGTERM")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: turn user errors into one line and an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("KD2EDGE_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli.main(args=argv, prog_name="kd2edge", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:  # Ctrl-C inside a click prompt
+        return _interrupted("interrupted")
+    except click.ClickException as e:
+        if debug:
+            raise
+        hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+        fail_line(e.format_message().replace("\n", " ") + hint)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return _interrupted("interrupted by Ctrl-C")
+    except Interrupted as e:
+        return _interrupted(str(e))
+    except Kd2EdgeError as e:
+        if debug:
+            raise
+        fail_line(str(e).replace("\n", " "))
+        return e.exit_code
+
+
+def _interrupted(what: str) -> int:
+    stage = _CURRENT_STAGE[0]
+    where = f" during the {stage} stage" if stage else ""
+    fail_line(f"{what}{where}; finished stages are kept: run the same command again to resume")
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""QA datasets: the embedded dataset, loaders for SQuAD/MLQA/CSQA/Dolly, prompt templates."""

@@ -1,0 +1,32 @@
+"""Config section `[distill]` (light: no torch import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kd2edge.schema import rule
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    student: str | None = None  # None: `plan` picks a layer-pruned student for the profile
+    student_layers: int | None = field(default=None, metadata=rule(min=1, help="decoder layers to keep"))
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "none"] = "forward_kl"
+    temperature: float = field(default=1.0, metadata=rule(min=0.05, max=20))
+    kd_ratio: float = field(default=0.5, metadata=rule(min=0, max=1, help="weight of the KD loss; 1-kd_ratio goes to CE on the gold answer"))
+    jsd_beta: float = field(default=0.5, metadata=rule(min=0, max=1))
+    sequence_kd: bool = False
+    shots: int = field(default=0, metadata=rule(min=0, max=1))
+    steps: int = field(default=120, metadata=rule(min=0, max=10_000_000))
+    batch_size: int = field(default=8, metadata=rule(min=1, max=4096))
+    grad_accum: int = field(default=1, metadata=rule(min=1, max=4096))
+    lr: float = field(default=3e-4, metadata=rule(min=1e-8, max=1))
+    warmup_ratio: float = field(default=0.05, metadata=rule(min=0, max=1))
+    max_grad_norm: float = field(default=1.0, metadata=rule(min=0))
+    max_length: int = field(default=384, metadata=rule(min=16, max=131_072))
+    topk_logits: int = field(default=64, metadata=rule(min=0, help="cache the teacher's top-k logits per position; 0 = full vocabulary"))
+    checkpoint_every: int = field(default=40, metadata=rule(min=1))
+    train_limit: int | None = field(default=None, metadata=rule(min=1))
+    eval_limit: int | None = field(default=64, metadata=rule(min=1))
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"

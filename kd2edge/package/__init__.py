@@ -1,0 +1,1 @@
+"""Docker build contexts per device profile, and the serving entrypoint."""

@@ -1,0 +1,134 @@
+"""The pipeline: the stages in order, each resumable, then the report.
+
+A stage is a module `kd2edge.<pkg>.stage` with a function
+
+    run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact
+
+that writes its files into `out_dir` (a partial folder) and ends with
+`write_artifact(...)`. `run_stage` wraps it: it skips the stage when the finished
+folder's fingerprint (stage config + input hash) matches, and otherwise runs it in
+a partial folder that is renamed into place only on success.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kd2edge.artifacts import MANIFEST, Artifact, atomic_dir, fingerprint, write_json_atomic
+from kd2edge.config import STAGES, RunConfig
+from kd2edge.errors import ArtifactError, BudgetError
+
+STAGE_MODULES = {
+    "distill": "kd2edge.distill.stage",
+    "quantize": "kd2edge.quant.stage",
+    "export": "kd2edge.export.stage",
+    "profile": "kd2edge.profiling.stage",
+    "evaluate": "kd2edge.evaluate.stage",
+    "package": "kd2edge.package.stage",
+}
+# Each stage reads the artifact of the stage named here ("teacher" = the resolved teacher).
+STAGE_INPUT = {"distill": "teacher", "quantize": "distill", "export": "quantize",
+               "profile": "export", "evaluate": "export", "package": "export"}
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    status: str                 # "done", "skipped" (up to date), "missing" (not built), "blocked"
+    artifact: Artifact | None = None
+    seconds: float = 0.0
+    reason: str = ""
+
+
+def stage_available(name: str) -> bool:
+    """Whether the stage's module exists in this installation."""
+    return importlib.util.find_spec(STAGE_MODULES[name]) is not None
+
+
+def run_stage(name: str, config: RunConfig, input_artifact: Artifact | None, out_dir: Path,
+              force: bool = False) -> StageResult:
+    """Run one stage into `out_dir`, or reuse it if its fingerprint matches.
+
+    Raises:
+        Kd2EdgeError: whatever the stage raises; `out_dir` is then left as it was.
+    """
+    out_dir = Path(out_dir)
+    fp = fingerprint(name, config.stage_config(name), input_artifact.content_hash if input_artifact else None)
+    if not force and (out_dir / MANIFEST).is_file():
+        try:
+            existing = Artifact.load(out_dir)
+        except ArtifactError:
+            existing = None
+        if existing is not None and existing.manifest.get("fingerprint") == fp:
+            return StageResult(name, "skipped", existing)
+    stage = importlib.import_module(STAGE_MODULES[name])
+    started = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        work = tmp.parent / f".{out_dir.name}.work"
+        _reset_work_dir(work, fp)
+        artifact = stage.run(config, input_artifact, tmp)
+        manifest = dict(artifact.manifest, fingerprint=fp,
+                        timings={**artifact.manifest.get("timings", {}), "total_s": round(time.perf_counter() - started, 3)})
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return StageResult(name, "done", Artifact.load(out_dir), time.perf_counter() - started)
+
+
+def _reset_work_dir(work: Path, fp: str) -> None:
+    """Keep a stage's checkpoints only if they were made for the same fingerprint."""
+    import shutil
+
+    stamp = work / "FINGERPRINT"
+    if work.exists() and (not stamp.is_file() or stamp.read_text().strip() != fp):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fp)
+
+
+def run_pipeline(config: RunConfig, out_dir: Path, force: bool = False,
+                 on_stage: Callable[[str, str], None] | None = None) -> dict:
+    """Run every stage in order into `out_dir/<stage>/`, then write report.json and report.html.
+
+    Args:
+        config: the resolved run config.
+        out_dir: the run folder.
+        force: rerun stages even when their output is up to date.
+        on_stage: called with (stage, event) for progress ("start", "done", "skipped", ...).
+
+    Returns:
+        The report (also written to `out_dir/report.json`).
+
+    Raises:
+        BudgetError: after the report is written, if a budget failed and the profile gates.
+        Kd2EdgeError: a stage failed; earlier stages stay finished and a rerun resumes.
+    """
+    from kd2edge.models import resolve_model
+    from kd2edge.report import build_report, write_report
+
+    out_dir = Path(out_dir)
+    notify = on_stage or (lambda stage, event: None)
+    results: dict[str, StageResult] = {}
+    artifacts: dict[str, Artifact | None] = {"teacher": resolve_model(config.teacher)}
+    for name in STAGES:
+        source = artifacts.get(STAGE_INPUT[name])
+        if not stage_available(name):
+            results[name] = StageResult(name, "missing", reason="not built in this version of kd2edge")
+        elif source is None:
+            results[name] = StageResult(name, "blocked", reason=f"needs the {STAGE_INPUT[name]} stage, which did not run")
+        else:
+            notify(name, "start")
+            results[name] = run_stage(name, config, source, out_dir / name, force=force)
+        artifacts[name] = results[name].artifact
+        notify(name, results[name].status)
+    report = build_report(config, artifacts, results)
+    write_report(report, out_dir)
+    if config.profiling.gate and report["pass"] is False:
+        failed = [f"{k} ({v['value']} vs limit {v['limit']})" for k, v in report["budgets"].items()
+                  if isinstance(v, dict) and v.get("pass") is False]
+        raise BudgetError(f"budget missed: {', '.join(failed)}; see {out_dir / 'report.html'} "
+                          f"(--no-gate to report only)")
+    return report

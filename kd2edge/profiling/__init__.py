@@ -1,0 +1,1 @@
+"""On-device profiling against the profile's budgets (runtime only, no torch)."""

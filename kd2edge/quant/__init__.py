@@ -1,0 +1,1 @@
+"""GPTQ 4-bit quantization (Frantar et al., 2022), implemented in-project."""

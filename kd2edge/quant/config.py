@@ -1,0 +1,29 @@
+"""Config section `[quantize]` (light: no torch import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kd2edge.schema import rule
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    method: Literal["gptq", "rtn"] = "gptq"
+    bits: int | None = None          # None: the profile's quantization.bits
+    group_size: int | None = None    # None: the profile's; -1 = per output channel
+    act_order: bool | None = None    # None: the profile's
+    sym: bool | None = None          # None: the profile's
+    damp: float = field(default=0.01, metadata=rule(min=0, max=1, help="fraction of mean diag(H) added"))
+    block_size: int = field(default=128, metadata=rule(min=1, max=8192))
+    calib_samples: int = field(default=128, metadata=rule(min=1, max=100_000))
+    calib_max_tokens: int = field(default=512, metadata=rule(min=8, max=131_072))
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.bits is not None and self.bits not in (2, 3, 4, 8):
+            out.append(f"bits: {self.bits} is not supported (use 2, 3, 4 or 8)")
+        if self.group_size is not None and self.group_size != -1 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
+            out.append(f"group_size: {self.group_size} must be -1 (per channel) or a power of two >= 16")
+        return out

@@ -1,0 +1,1 @@
+"""Device profiles as data: one TOML file per target device (see kd2edge.profiles)."""
