@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,8 @@ class StageResult:
 
 def stage_available(name: str) -> bool:
     """Whether the stage's module exists in this installation."""
-    return importlib.util.find_spec(STAGE_MODULES[name]) is not None
+    module = STAGE_MODULES[name]
+    return module in sys.modules or importlib.util.find_spec(module) is not None
 
 
 def run_stage(name: str, config: RunConfig, input_artifact: Artifact | None, out_dir: Path,

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from kd2edge.config import dump_config, load_config
+from kd2edge.errors import ConfigError
+
+
+def test_defaults_resolve_from_the_profile():
+    c = load_config(profile="raspberry-pi-5")
+    assert c.profile.name == "raspberry-pi-5"
+    assert (c.quantize.bits, c.quantize.group_size, c.quantize.act_order) == (4, 128, True)
+    assert c.export.exporter == c.profile.runtime.exporter
+    assert c.evaluate.data == c.data == "embedded"
+
+
+def test_flags_override_and_none_means_not_given():
+    c = load_config(overrides={"quantize.bits": 8, "distill.steps": None, "seed": 3})
+    assert c.quantize.bits == 8 and c.seed == 3
+    assert c.distill.steps == load_config().distill.steps
+
+
+def test_print_config_round_trips(tmp_path):
+    c = load_config(profile="jetson-orin-nano", overrides={"distill.temperature": 2.0})
+    path = tmp_path / "run.json"
+    path.write_text(dump_config(c))
+    assert load_config(path) == c
+
+
+def test_toml_config_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('profile = "laptop-cpu"\nseed = 7\n[quantize]\nmethod = "rtn"\n')
+    c = load_config(path)
+    assert c.seed == 7 and c.quantize.method == "rtn"
+
+
+def test_config_errors_are_collected(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"seed": -1, "quantize": {"bits": 5, "group_size": 100}, "distill": {"lossy": 1}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert len(err.value.problems) == 4
+
+
+def test_unreadable_config(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(bad)
+
+
+def test_stage_config_decides_fingerprints():
+    a, b = load_config(), load_config(overrides={"quantize.damp": 0.05})
+    assert a.stage_config("distill") == b.stage_config("distill")
+    assert a.stage_config("quantize") != b.stage_config("quantize")
+    assert "device" in a.stage_config("profile")
