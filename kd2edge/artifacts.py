@@ -14,6 +14,7 @@ interruption and is removed once the stage has finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -224,7 +225,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except OSError as e:
         raise ResourceError(f"cannot create {final} ({e.strerror}): check the --out folder and free disk") from None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise ResourceError(f"the disk filled up while writing {final.name}: free some space and rerun "
+                                    f"(nothing was kept)") from None
+            raise
         if not (tmp / MANIFEST).is_file():
             raise ArtifactError(f"stage wrote no {MANIFEST} into {final.name}: this is a kd2edge bug")
         if final.exists():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from kd2edge import resources
 from kd2edge.artifacts import MANIFEST, Artifact, atomic_dir, fingerprint, write_json_atomic
 from kd2edge.config import STAGES, RunConfig
 from kd2edge.errors import ArtifactError, BudgetError
@@ -69,6 +70,7 @@ def run_stage(name: str, config: RunConfig, input_artifact: Artifact | None, out
         if existing is not None and existing.manifest.get("fingerprint") == fp:
             return StageResult(name, "skipped", existing)
     stage = importlib.import_module(STAGE_MODULES[name])
+    resources.check(_needs(stage, config, input_artifact), out_dir, f"the {name} stage")
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         work = tmp.parent / f".{out_dir.name}.work"
@@ -78,6 +80,14 @@ def run_stage(name: str, config: RunConfig, input_artifact: Artifact | None, out
                         timings={**artifact.manifest.get("timings", {}), "total_s": round(time.perf_counter() - started, 3)})
         write_json_atomic(tmp / MANIFEST, manifest)
     return StageResult(name, "done", Artifact.load(out_dir), time.perf_counter() - started)
+
+
+def _needs(stage, config: RunConfig, input_artifact: Artifact | None) -> resources.Needs:
+    """The stage's own estimate if it has one, else twice its input on disk and in memory."""
+    if hasattr(stage, "estimate"):
+        return stage.estimate(config, input_artifact)
+    size = resources.folder_size(input_artifact.path) if input_artifact is not None else 0
+    return resources.Needs(disk_bytes=2 * size, memory_bytes=2 * size)
 
 
 def _reset_work_dir(work: Path, fp: str) -> None:

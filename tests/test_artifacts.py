@@ -95,3 +95,13 @@ def test_fingerprint_and_work_dir(tmp_path):
     assert fingerprint("q", {"a": 1}, "h") == fingerprint("q", {"a": 1}, "h")
     assert fingerprint("q", {"a": 1}, "h") != fingerprint("q", {"a": 2}, "h")
     assert work_dir(tmp_path / ".distill.partial") == tmp_path / ".distill.work"
+
+
+def test_a_full_disk_mid_write_is_a_resource_error_and_leaves_nothing(tmp_path):
+    import errno
+
+    with pytest.raises(ResourceError, match="disk filled up while writing quantize"):
+        with atomic_dir(tmp_path / "quantize") as tmp:
+            (tmp / "part.bin").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
