@@ -1,0 +1,101 @@
+"""Student sizing and layer pruning on tiny models and hand-sized configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kd2edge.distill.plan import (candidates, choose, kv_cache_bytes, param_breakdown,
+                                  quantized_size_bytes)
+from kd2edge.distill.student import (block_influence, check_same_tokenizer, choose_layers,
+                                     measure_block_influence, prune_layers)
+from kd2edge.errors import BudgetError, ModelError
+from kd2edge.testing import tiny_model
+
+
+def test_block_influence_is_one_minus_cosine():
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [3.0, 3.0]]])
+    y = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [-5.0, 0.0]]])   # cos = 1, 0, -1/sqrt(2)
+    total, count = block_influence(x, y)
+    assert count == 3
+    assert total == pytest.approx(0.0 + 1.0 + (1 + 2 ** -0.5), abs=1e-6)
+    total, count = block_influence(x, y, torch.tensor([[True, True, False]]))
+    assert (total, count) == (pytest.approx(1.0), 2)
+
+
+def test_choose_layers_keeps_first_last_and_most_influential():
+    scores = [0.01, 0.5, 0.02, 0.3, 0.03, 0.001]
+    assert choose_layers(scores, 4) == [0, 1, 3, 5]
+    assert choose_layers(scores, 2) == [0, 5]
+    assert choose_layers(scores, 6) == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError):
+        choose_layers(scores, 7)
+
+
+def test_measured_influence_drops_identity_layers():
+    # A 6-layer llama whose layers 2 and 3 write nothing to the residual stream
+    # (zero o_proj and down_proj): their output equals their input, so BI = 0.
+    model, tok = tiny_model("llama", num_layers=6)
+    for i in (2, 3):
+        layer = model.model.layers[i]
+        layer.self_attn.o_proj.weight.data.zero_()
+        layer.mlp.down_proj.weight.data.zero_()
+    ids = tok(["The river flows north through the valley.", "Who founded the Velmora Institute?"],
+              return_tensors="pt", padding=True)
+    scores = measure_block_influence(model, [dict(ids)])
+    assert scores[2] == pytest.approx(0.0, abs=1e-6) and scores[3] == pytest.approx(0.0, abs=1e-6)
+    assert min(scores[1], scores[4]) > 1e-4
+    assert choose_layers(scores, 4) == [0, 1, 4, 5]
+
+
+def test_pruned_student_matches_teacher_when_dropped_layers_are_identity():
+    model, tok = tiny_model("llama", num_layers=4)
+    ids = tok(["Question: Who founded the Velmora Institute? Answer:"], return_tensors="pt")
+    model.model.layers[2].self_attn.o_proj.weight.data.zero_()
+    model.model.layers[2].mlp.down_proj.weight.data.zero_()
+    with torch.no_grad():
+        reference = model(**ids).logits
+        student = prune_layers(model, [0, 1, 3])
+        assert student.config.num_hidden_layers == 3
+        assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1, 2]
+        assert torch.allclose(student(**ids).logits, reference, atol=1e-5)
+        # Generation with a KV cache works on the renumbered layers.
+        out = student.generate(input_ids=ids["input_ids"], max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == ids["input_ids"].shape[1] + 3
+
+
+def test_tokenizer_mismatch_is_a_model_error(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    assert check_same_tokenizer(teacher_tok, AutoTokenizer.from_pretrained(tiny_llama_dir), "t", "s") == len(teacher_tok)
+    other = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    other.add_tokens(["<extra>"])
+    with pytest.raises(ModelError, match="does not share the teacher's tokenizer"):
+        check_same_tokenizer(teacher_tok, other, "t", "s")
+
+
+def test_param_breakdown_counts_tied_embeddings_once():
+    for arch in ("llama", "qwen2", "gpt_neox"):
+        model, _ = tiny_model(arch, num_layers=3)
+        b = param_breakdown(model.config)
+        assert b.total == sum(p.numel() for p in model.parameters())
+        assert b.params_with(1) == b.total - 2 * b.per_layer
+
+
+def test_size_kv_and_plan_choice_by_hand():
+    # 1024 quantized weights at 4 bits in groups of 128: 512 B + 8 groups x 2.5 B; 100 others x 2 B.
+    assert quantized_size_bytes(1024, 100, bits=4, group_size=128) == 512 + 20 + 200
+    assert kv_cache_bytes(layers=2, kv_heads=3, head_dim=64, context_length=10, value_bytes=4) == 2 * 2 * 3 * 64 * 10 * 4
+    model, _ = tiny_model("llama", num_layers=8)
+    b = param_breakdown(model.config)
+    common = dict(bits=4, group_size=128, context_length=512, bandwidth=1e9, kv_value_bytes=4,
+                  max_artifact_mb=1000, max_peak_memory_mb=1000, min_decode_tokens_per_s=0)
+    cands = candidates(b, max_param_fraction=0.99, **common)
+    assert [c.layers for c in cands] == list(range(1, 8))
+    assert choose(cands).layers == 7
+    half = candidates(b, max_param_fraction=b.params_with(4) / b.total + 1e-9, **common)
+    assert choose(half).layers == 4
+    # A decode-speed floor no candidate reaches.
+    with pytest.raises(BudgetError, match="no student fits"):
+        choose(candidates(b, max_param_fraction=0.99, **{**common, "min_decode_tokens_per_s": 1e12}))
