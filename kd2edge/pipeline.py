@@ -23,7 +23,7 @@ from typing import Callable
 from kd2edge import resources
 from kd2edge.artifacts import MANIFEST, Artifact, atomic_dir, fingerprint, write_json_atomic
 from kd2edge.config import STAGES, RunConfig
-from kd2edge.errors import ArtifactError, BudgetError
+from kd2edge.errors import ArtifactError, BudgetError, ResourceError
 
 STAGE_MODULES = {
     "distill": "kd2edge.distill.stage",
@@ -82,6 +82,18 @@ def run_stage(name: str, config: RunConfig, input_artifact: Artifact | None, out
     return StageResult(name, "done", Artifact.load(out_dir), time.perf_counter() - started)
 
 
+def make_run_dir(out_dir: Path) -> None:
+    """Create the run folder, or say why it can't be."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ResourceError(f"cannot create or write the run folder {out_dir} ({e.strerror}): "
+                            f"choose a writable --out folder") from None
+
+
 def _needs(stage, config: RunConfig, input_artifact: Artifact | None) -> resources.Needs:
     """The stage's own estimate if it has one, else twice its input on disk and in memory."""
     if hasattr(stage, "estimate"):
@@ -125,6 +137,7 @@ def run_pipeline(config: RunConfig, out_dir: Path, force: bool = False,
     notify = on_stage or (lambda stage, event: None)
     results: dict[str, StageResult] = {}
     artifacts: dict[str, Artifact | None] = {"teacher": resolve_model(config.teacher)}
+    make_run_dir(out_dir)
     for name in STAGES:
         source = artifacts.get(STAGE_INPUT[name])
         if not stage_available(name):
