@@ -1,0 +1,189 @@
+"""The evaluate stage: teacher, student and deployed model on the same items, and retention.
+
+Input: the export artifact. Its lineage (export <- quantize <- distill <- teacher) gives the
+student (the distill output, run in PyTorch fp32) and the teacher (the distill stage's
+input). All three answer the same items with the same prompts; the deployed model runs
+through `kd2edge.runtime.OnnxLM` as it would on the device. The teacher's scores are
+cached (teacher hash + data + prompt settings) so a rerun of the pipeline reuses them.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from kd2edge.artifacts import Artifact, write_artifact, write_json_atomic
+from kd2edge.errors import ArtifactError
+from kd2edge.evaluate import metrics
+from kd2edge.evaluate.evaluator import (Backend, EvalSet, OnnxBackend, TorchBackend, describe, prepare,
+                                        run_items, summarize, write_predictions)
+
+CACHE_VERSION = 1
+MODELS = ("teacher", "student", "deployed")
+_SUMMARY_KEYS = ("n", "em", "f1", "accuracy", "accuracy_norm", "rouge_l", "by_language")
+
+
+def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
+    """Evaluate teacher, student and deployed model; write predictions and the quality metrics.
+
+    Raises:
+        ArtifactError: the input's lineage has no distill stage or its folders are gone.
+        DataError: the evaluation split is empty or unreadable.
+        ModelError: a model in the lineage cannot be loaded.
+    """
+    out_dir = Path(out_dir)
+    ev = config.evaluate
+    lineage = find_models(input_artifact)
+    evalset = prepare(ev.data, ev.split, ev.shots, ev.limit, config.seed)
+    settings = describe(evalset, ev.data, ev.mode, ev.max_new_tokens, config.seed, ev.limit)
+    runtime = config.profile.runtime
+
+    records, summaries, timings = {}, {}, {}
+    for name in MODELS:
+        started = time.perf_counter()
+        if name == "teacher":
+            records[name], cached = _teacher_records(lineage["teacher"], evalset, settings, ev.max_new_tokens, ev.mode)
+            timings["teacher_cached"] = cached
+        else:
+            backend = (_torch_backend(lineage["student"].path) if name == "student"
+                       else _onnx_backend(input_artifact.path, runtime.execution_providers, runtime.threads))
+            records[name] = run_items(backend, evalset, ev.max_new_tokens, ev.mode, desc=f"evaluate {name}")
+            del backend
+            gc.collect()
+        summaries[name] = _public(summarize(records[name], evalset.task))
+        timings[f"{name}_s"] = round(time.perf_counter() - started, 3)
+
+    pred_dir = out_dir / "predictions"
+    files = [str(write_predictions(records[n], pred_dir / f"{n}.jsonl").relative_to(out_dir)) for n in MODELS]
+    quality = quality_metrics(settings, summaries, records)
+    limit = config.profile.budgets.min_retention
+    value = quality["retention_f1"]
+    budgets = {"min_retention": {"limit": limit, "value": value,
+                                 "pass": None if value is None else bool(value >= limit)}}
+    plot = plot_quality(summaries, out_dir / "quality.png")
+    return write_artifact(out_dir, "evaluate", config.stage_config("evaluate"), input_artifact,
+                          {"quality": quality, "budgets": budgets}, timings=timings,
+                          files=files + ([plot] if plot else []),
+                          models={"teacher": str(lineage["teacher"].path), "student": str(lineage["student"].path),
+                                  "deployed": str(input_artifact.path)},
+                          warnings=list(evalset.warnings))
+
+
+def find_models(export: Artifact) -> dict[str, Artifact]:
+    """The distill artifact (student) and its input (teacher) in an export artifact's lineage.
+
+    Raises:
+        ArtifactError: no distill stage in the lineage, or the distill artifact records no input.
+    """
+    chain = export.lineage()
+    student = next((a for a in chain if a.stage == "distill"), None)
+    if student is None:
+        stages = " <- ".join(a.stage for a in chain)
+        raise ArtifactError(f"{export.path}: its lineage ({stages}) has no distill stage: evaluate the export of a "
+                            f"kd2edge run, or use `kd2edge evaluate --model` on single models")
+    teacher = student.input_artifact()
+    if teacher is None:
+        raise ArtifactError(f"{student.path}: the distill manifest records no teacher: rerun the distill stage")
+    return {"student": student, "teacher": teacher}
+
+
+def quality_metrics(settings: dict, summaries: dict[str, dict], records: dict[str, list[dict]]) -> dict:
+    """The manifest's `quality` block: scores per model, retention and the deployed model's regressions."""
+    kept = {name: metrics.retention(summaries["teacher"], summaries[name]) for name in ("student", "deployed")}
+    for r in kept.values():
+        r.pop("n", None)
+    lost = metrics.regressions(records["teacher"], records["deployed"], limit=None)
+    same = sum(s["prediction"] == d["prediction"] for s, d in zip(records["student"], records["deployed"]))
+    return {
+        "dataset": settings["dataset"], "split": settings["split"], "task": settings["task"],
+        "shots": settings["shots"], "n": summaries["teacher"]["n"], "mode": settings["mode"],
+        "max_new_tokens": settings["max_new_tokens"], "prompt_template": settings["prompt_template"],
+        **summaries,
+        "retention_f1": kept["deployed"].get("f1"), "retention_em": kept["deployed"].get("em"),
+        "retention": kept,
+        # How often the deployed (4-bit ONNX) model answers exactly as the fp32 student: the
+        # quantize + export transformation checked against its reference on the task itself.
+        "deployed_student_agreement": same / len(records["student"]),
+        "regressions": lost[:20],
+        "n_regressions": len(lost),
+    }
+
+
+def teacher_cache_key(teacher: Artifact, settings: dict) -> str:
+    """What decides the teacher's scores: its content hash and the evaluation settings (items, prompts)."""
+    blob = json.dumps({"v": CACHE_VERSION, "teacher": teacher.content_hash, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _teacher_records(teacher: Artifact, evalset: EvalSet, settings: dict, max_new_tokens: int,
+                     mode: str) -> tuple[list[dict], bool]:
+    from kd2edge.models import cache_dir
+
+    path = cache_dir() / "evaluate" / f"teacher-{teacher_cache_key(teacher, settings)}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["records"], True
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is recomputed and overwritten
+    backend = _torch_backend(teacher.path)
+    records = run_items(backend, evalset, max_new_tokens, mode, desc="evaluate teacher")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"settings": settings, "teacher": str(teacher.path), "records": records})
+    return records, False
+
+
+def _torch_backend(folder: Path) -> Backend:
+    from kd2edge.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(_model_folder(folder))
+    return TorchBackend(model, tokenizer)
+
+
+def _onnx_backend(folder: Path, providers, threads) -> Backend:
+    from kd2edge.runtime import OnnxLM
+
+    # The evaluation host may lack the device's accelerator: the figures are the model's,
+    # so falling back to CPU is allowed (the runtime records it in its notes).
+    return OnnxBackend(OnnxLM.load(folder, providers=providers, threads=threads, allow_fallback=True))
+
+
+def _model_folder(folder: Path) -> Path:
+    """The transformers folder inside an artifact: itself, or its one sub-folder with a config.json."""
+    if (folder / "config.json").is_file():
+        return folder
+    inner = sorted(p.parent for p in folder.glob("*/config.json"))
+    if len(inner) == 1:
+        return inner[0]
+    raise ArtifactError(f"{folder} holds no transformers model (config.json): rerun the stage that wrote it")
+
+
+def _public(summary: dict) -> dict:
+    return {k: summary[k] for k in _SUMMARY_KEYS if k in summary}
+
+
+def plot_quality(summaries: dict[str, dict], path: Path) -> str | None:
+    """Grouped bars of each model's scores (Agg backend); returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("em", "f1", "accuracy", "rouge_l") if k in summaries["teacher"]]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.8 / len(MODELS)
+    for i, name in enumerate(MODELS):
+        xs = [j + (i - 1) * width for j in range(len(keys))]
+        bars = ax.bar(xs, [summaries[name][k] for k in keys], width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.set_title(f"QA quality (n={summaries['teacher']['n']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
