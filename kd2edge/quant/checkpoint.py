@@ -56,7 +56,8 @@ class QuantTensors:
         return int(self.qweight.shape[1])
 
 
-def _check_packable(n: int, bits: int, what: str) -> None:
+def check_packable(n: int, bits: int, what: str) -> None:
+    """Raise ConfigError unless n values of `bits` bits fill whole 32-bit words."""
     if bits not in SUPPORTED_BITS:
         raise ConfigError(f"bits: {bits} is not supported (use 2, 3, 4 or 8)", source="quantize")
     if (n * bits) % 32:
@@ -80,7 +81,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
         ValueError: a code outside [0, 2^bits) (a caller bug).
     """
     n, cols = codes.shape
-    _check_packable(n, bits, "a dimension")
+    check_packable(n, bits, "a dimension")
     codes = codes.to(torch.int64)
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
         raise ValueError(f"codes outside [0, {2 ** bits}) cannot be packed at {bits} bits")
@@ -117,8 +118,8 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_result(result: GPTQResult, bias: torch.Tensor | None = None) -> QuantTensors:
     """Turn one GPTQResult into its on-disk tensors (zero - 1 stored, GPTQ v1 convention)."""
     out, cols = result.qweight_int.shape
-    _check_packable(cols, result.bits, "in_features")
-    _check_packable(out, result.bits, "out_features")
+    check_packable(cols, result.bits, "in_features")
+    check_packable(out, result.bits, "out_features")
     maxq = 2 ** result.bits - 1
     qweight = pack_rows(result.qweight_int.T.contiguous(), result.bits)           # (in*bits/32, out)
     qzeros = pack_rows((result.zeros - 1) & maxq, result.bits).T.contiguous()        # (n_groups, out*bits/32)
