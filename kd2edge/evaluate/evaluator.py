@@ -10,15 +10,15 @@ Each backend formats the user prompt with the model's own chat template (the pro
 text itself comes from `kd2edge.data.prompts`, identical for all models), then:
   - extractive / free-text items: greedy generation, `extract_answer`, SQuAD EM/F1
     (MLQA's normalization for non-English items) and Rouge-L;
-  - multiple-choice items: "loglik" mode scores each choice's text as a continuation
-    of the prompt (sum of its tokens' log-probabilities, as lm-evaluation-harness does)
-    and picks the best; "generate" mode asks for the letter and parses it.
+  - multiple-choice items: "loglik" mode scores each choice's text (" " + text, the
+    distillation target's form) as a continuation of the prompt (sum of its tokens'
+    log-probabilities, as lm-evaluation-harness does) and picks the best; "generate" mode
+    generates an answer and reads the letter or choice text it names (`match_choice`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,7 +262,8 @@ def _example_pool(data_spec: str, split: str, seed: int, dataset: QADataset):
     """Items to draw one-shot examples from: the train split without any evaluated item.
 
     A local file is one split whatever the split name, so "train" may hold the evaluated
-    items themselves: those are removed, and the pool is then "the other items".
+    items themselves: those are removed, and the pool is then "the items not evaluated",
+    or, when every item is evaluated, the whole split (the example is another item).
 
     Returns:
         (pool, where the examples come from, a note for the user or None).
@@ -278,12 +279,15 @@ def _example_pool(data_spec: str, split: str, seed: int, dataset: QADataset):
     if train and len(pool) == len(train):
         return pool, "train", None
     if not train:  # no train split at all: the other items of the evaluated split
-        pool = tuple(it for it in load_qa(data_spec, split, None, seed).items if not _item_keys([it]) & evaluated)
-    if not pool:
-        raise DataError(f"{data_spec} has no train split and no item outside the evaluated ones to use as a "
-                        f"one-shot example: use --shots 0 or a lower --limit")
-    return pool, f"{split} (other items)", (f"{data_spec} has no separate train split: one-shot examples come "
-                                            f"from its items that are not evaluated")
+        train = load_qa(data_spec, split, None, seed).items
+        pool = tuple(it for it in train if not _item_keys([it]) & evaluated)
+    if pool:
+        return pool, f"{split} (items not evaluated)", (
+            f"{data_spec} has no separate train split: one-shot examples come from its items that are not evaluated")
+    # Every item is evaluated: examples are other evaluated items (`pick_example` never picks the item itself).
+    return tuple(train), f"{split} (other items)", (
+        f"{data_spec} has no separate train split and every item is evaluated: each one-shot example is "
+        f"another evaluated item (never the item itself)")
 
 
 def _item_keys(items: Iterable[QAItem]) -> set:
@@ -330,20 +334,6 @@ def continuation_logprob(token_lp: np.ndarray, n_context: int) -> float:
 def pick_choice(scores: Sequence[float]) -> int:
     """Index of the best score (first on ties)."""
     return int(np.argmax(np.asarray(scores)))
-
-
-_LETTER = re.compile(r"^\W*\(?([A-Za-z])\b")
-
-
-def parse_choice(text: str, labels: Sequence[str], choices: Sequence[str]) -> str | None:
-    """The choice label a generated answer names: a leading letter ("B", "(b)", "B. ...")
-    or, failing that, the one choice text the answer equals after SQuAD normalization."""
-    found = _LETTER.match(text.strip())
-    if found and found.group(1).upper() in labels:
-        return found.group(1).upper()
-    answer = metrics.normalize_answer(text)
-    hits = [lab for lab, c in zip(labels, choices) if metrics.normalize_answer(c) == answer]
-    return hits[0] if len(hits) == 1 else None
 
 
 def metric_lang(item: QAItem) -> str | None:
@@ -419,13 +409,13 @@ def _base_record(p: Prompted, prompt: str) -> dict:
 
 
 def _generated_record(p: Prompted, prompt: str, output: str) -> dict:
-    from kd2edge.data.prompts import extract_answer
+    from kd2edge.data.prompts import extract_answer, match_choice
 
-    answer = extract_answer(output)
-    record = {**_base_record(p, prompt), "generation": output}
     item = p.item
+    answer = extract_answer(output, item.task)
+    record = {**_base_record(p, prompt), "generation": output}
     if item.task == "multiple_choice":
-        label = parse_choice(answer, item.choice_labels, item.choices)
+        label = match_choice(answer, item)
         chosen = item.choices[item.choice_labels.index(label)] if label else answer
         em, f1 = metrics.squad_scores(chosen, item.gold)
         correct = label is not None and label == item.answer_key
@@ -439,7 +429,8 @@ def _generated_record(p: Prompted, prompt: str, output: str) -> dict:
 def _loglik_record(backend: Backend, p: Prompted) -> dict:
     item = p.item
     prompt = backend.format_prompt(p.text)
-    pairs = [encode_pair(backend.encode, prompt, choice) for choice in item.choices]
+    # Each choice is scored as the training target would read it (`target_text`: " " + text).
+    pairs = [encode_pair(backend.encode, prompt, " " + choice) for choice in item.choices]
     sequences = [ctx + cont for ctx, cont in pairs]
     lps = []
     for start in range(0, len(sequences), max(1, backend.batch_size)):

@@ -43,18 +43,19 @@ def evalset(items, task="multiple_choice"):
 
 
 def test_loglik_picks_the_choice_with_the_highest_summed_logprob():
-    # "aaaa": 4 x -0.3 = -1.2 (per byte -0.3); "c": -1.0 (per byte -1.0); "zz": 2 x -2 = -4
-    backend = CharBackend({"a": -0.3, "c": -1.0, "z": -2.0})
+    # each choice is scored as " " + text; the space costs -0.1 for all.
+    # " aaaa": -0.1 + 4 x -0.3 = -1.3 (per byte of "aaaa" -0.325); " c": -1.1 (per byte -1.1); " zz": -4.1
+    backend = CharBackend({" ": -0.1, "a": -0.3, "c": -1.0, "z": -2.0})
     records = ev.run_items(backend, evalset([csqa_item(["aaaa", "c", "zz"], "B")]), 8, progress=False)
     r = records[0]
-    assert r["choice_scores"] == pytest.approx([-1.2, -1.0, -4.0])
+    assert r["choice_scores"] == pytest.approx([-1.3, -1.1, -4.1])
     assert r["choice"] == "B" and r["prediction"] == "c" and r["correct"] is True
     assert r["accuracy"] == 1.0 and r["em"] == 1.0 and r["f1"] == 1.0
     # length-normalized (lm-eval's acc_norm) prefers "aaaa" and so is wrong here
     assert r["accuracy_norm"] == 0.0
     # each scored sequence is the formatted prompt followed by the choice
     prompt = backend.format_prompt("Q: Where do you keep milk? A:")
-    assert backend.seen[1] == [ord(c) for c in prompt + "c"]
+    assert backend.seen[1] == [ord(c) for c in prompt + " c"]
     assert r["prompt"] == prompt
 
 
@@ -80,14 +81,6 @@ def test_continuation_logprob_sums_only_the_continuation():
     # ids [c0 c1 c2 x1 x2]: token_lp[t-1] = log p(ids[t]); continuation = ids[3:] -> lp[2] + lp[3]
     lp = np.array([-9.0, -9.0, -0.5, -0.25])
     assert ev.continuation_logprob(lp, 3) == pytest.approx(-0.75)
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("B", "B"), ("(c) refrigerator", "C"), ("  d. shelf", "D"), ("The answer is fridge", None),
-    ("refrigerator", "C"), ("Z", None),
-])
-def test_parse_choice(text, expected):
-    assert ev.parse_choice(text, ["A", "B", "C", "D"], ["store", "bank", "refrigerator", "shelf"]) == expected
 
 
 def test_score_answer_per_task():
