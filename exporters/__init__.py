@@ -1,0 +1,26 @@
+"""Export backends: GPTQ checkpoint folder -> ONNX artifact folder.
+
+Each backend is `export(checkpoint_dir, out_dir, quantize_embeddings=False) -> dict` of
+metadata (at least `format`, `exporter`, `files`, `size_bytes`). Backends import their
+heavy libraries (torch, optimum, onnxruntime_genai) only when called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+
+def _onnx(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = False) -> dict:
+    from exporters.optimum_onnx import export
+
+    return export(checkpoint_dir, out_dir, quantize_embeddings=quantize_embeddings)
+
+
+def _onnx_genai(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = False) -> dict:
+    from exporters.genai import export
+
+    return export(checkpoint_dir, out_dir, quantize_embeddings=quantize_embeddings)
+
+
+EXPORTERS: dict[str, Callable[..., dict]] = {"onnx": _onnx, "onnx-genai": _onnx_genai}
