@@ -1,0 +1,127 @@
+"""Reading "Rationale: ... Answer: ..." outputs, and choice letters, from model text.
+
+Pure string functions (standard library only). Teachers and students rarely follow a
+format exactly: they bold the labels ("**Answer:**"), add headings ("### Answer"),
+say "Final answer:", write "Reasoning:" instead of "Rationale:", repeat "the answer is"
+inside the rationale, or wrap a choice letter as "(B)", "B.", "B) bank". The rules:
+
+- the answer follows the *last* answer label (a label starts a line or follows
+  sentence punctuation); it is the first non-empty line after it, with markdown,
+  quotes and a trailing full stop removed;
+- without an answer label, "the answer is X" (last one) is accepted, flagged as such;
+- the rationale is the text between the rationale label (if any) and that answer
+  label; without a rationale label, everything before the answer label.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+# A label: at a line start (after optional markdown "#", "*", "-", ">"), or after ". " / ": ".
+_LABEL_PREFIX = r"(?:^|(?<=[.!?;:])[ \t]+)[ \t>#*_\-]*"
+_LABEL_SUFFIX = r"[ \t*_]*[:：][ \t*_]*"
+_ANSWER_LABEL = re.compile(_LABEL_PREFIX + r"(?:final[ \t]+answer|answer|respuesta)" + _LABEL_SUFFIX,
+                           re.IGNORECASE | re.MULTILINE)
+_RATIONALE_LABEL = re.compile(_LABEL_PREFIX + r"(?:rationale|reasoning|explanation|reason|thoughts?|razonamiento)"
+                              + _LABEL_SUFFIX, re.IGNORECASE | re.MULTILINE)
+_ANSWER_IS = re.compile(r"\b(?:the\s+)?(?:correct\s+|final\s+)?answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
+_STRIP = " \t\r\n*_`\"'“”‘’"
+MIN_RATIONALE_WORDS = 3
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """What a "Rationale: ... Answer: ..." output holds.
+
+    `answer` is None when no answer could be found. `labelled` says the answer came
+    after an explicit answer label (the format was followed), not "the answer is".
+    """
+
+    rationale: str
+    answer: str | None
+    labelled: bool
+    rationale_labelled: bool
+
+    @property
+    def has_rationale(self) -> bool:
+        """A usable rationale: at least MIN_RATIONALE_WORDS words of reasoning."""
+        return len(self.rationale.split()) >= MIN_RATIONALE_WORDS
+
+
+def clean_answer(text: str) -> str:
+    """The first non-empty line of `text`, without markdown, quotes or a trailing full stop."""
+    for line in text.splitlines():
+        line = line.strip(_STRIP)
+        if line:
+            return line[:-1].rstrip(_STRIP) if line.endswith(".") and not line.endswith("..") else line
+    return ""
+
+
+def parse_rationale_answer(text: str) -> ParsedOutput:
+    """Split a model output into its rationale and its final answer.
+
+    Args:
+        text: the raw generated text (special tokens already removed).
+
+    Returns:
+        A ParsedOutput; `answer` is None if neither an answer label nor "the answer is"
+        occurs (or nothing follows it).
+    """
+    answers = list(_ANSWER_LABEL.finditer(text))
+    rationale_labels = list(_RATIONALE_LABEL.finditer(text))
+    if answers:
+        last = answers[-1]
+        answer = clean_answer(text[last.end():]) or None
+        end, labelled = last.start(), True
+    else:
+        found = list(_ANSWER_IS.finditer(text))
+        answer = clean_answer(found[-1].group(1)) if found else None
+        answer = answer or None
+        end, labelled = (found[-1].start() if found else len(text)), False
+    before = [m for m in rationale_labels if m.end() <= end]
+    start = before[0].end() if before else 0
+    rationale = text[start:end].strip(_STRIP)
+    return ParsedOutput(rationale=" ".join(rationale.split()), answer=answer, labelled=labelled,
+                        rationale_labelled=bool(before))
+
+
+def choice_label(answer: str | None, labels: Sequence[str], choices: Sequence[str]) -> str | None:
+    """The choice label an answer names: "B", "(b)", "B) bank", "B. bank", "Option B" or "bank".
+
+    Args:
+        answer: the parsed answer text.
+        labels: the item's choice labels ("A".."E").
+        choices: the choice texts, in the same order.
+
+    Returns:
+        The matching label, or None if the answer names none (or is ambiguous).
+    """
+    if not answer:
+        return None
+    text = answer.strip(_STRIP)
+    upper = {label.upper(): label for label in labels}
+    norm = _norm(text)
+    # A bare letter ("B", "(b)", "B."), then a choice's exact text, then a marked letter
+    # ("B) bank", "(B) bank", "B. bank", "option B"): "a river" must mean the text, not "A".
+    bare = re.fullmatch(r"[(\[]?([A-Za-z])[)\].:]?", text)
+    if bare and bare.group(1).upper() in upper:
+        return upper[bare.group(1).upper()]
+    named = [label for label, choice in zip(labels, choices) if _norm(choice) == norm]
+    if len(named) == 1:
+        return named[0]
+    marked = re.match(r"^(?:(?:option|choice)\s+[(\[]?([A-Za-z])\b|[(\[]([A-Za-z])[)\]]|([A-Za-z])[).:])", text,
+                      re.IGNORECASE)
+    if marked:
+        letter = next(g for g in marked.groups() if g).upper()
+        if letter in upper:
+            return upper[letter]
+    # "... is bank" or "bank, because ...": exactly one choice text contained as whole words.
+    contained = [label for label, choice in zip(labels, choices)
+                 if _norm(choice) and re.search(rf"\b{re.escape(_norm(choice))}\b", norm)]
+    return contained[0] if len(contained) == 1 else None
+
+
+def _norm(s: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", s.lower()).split())
