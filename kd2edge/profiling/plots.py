@@ -23,17 +23,23 @@ def plot_token_latency(latencies_ms: dict[str, list[float]], path: Path) -> Path
     """
     plt = _pyplot()
     fig, (hist, cdf) = plt.subplots(1, 2, figsize=(10, 3.8))
+    from kd2edge.profiling.stats import percentile
+
+    pooled = [v for values in latencies_ms.values() for v in values]
+    # A few slow outlier steps would squeeze the histogram into one bar: clip it at the p99
+    # (the CDF beside it keeps every step).
+    clip = percentile(pooled, 99) if pooled else None
     for length, values in latencies_ms.items():
         if not values:
             continue
-        hist.hist(values, bins=40, alpha=0.55, label=f"{length}-token prompt")
+        hist.hist(values, bins=40, range=(min(pooled), clip), alpha=0.55, label=f"{length}-token prompt")
         ordered = sorted(values)
         n = len(ordered)
         cdf.step(ordered, [(i + 1) / n for i in range(n)], where="post", label=f"{length}-token prompt")
     for q, style in ((0.5, ":"), (0.9, "--"), (0.99, "-.")):
         cdf.axhline(q, color="grey", linestyle=style, linewidth=0.8)
         cdf.text(cdf.get_xlim()[1], q, f" p{int(q * 100)}", va="center", fontsize=8, color="grey")
-    hist.set(title="Per-token decode latency", xlabel="ms per token", ylabel="tokens")
+    hist.set(title="Per-token decode latency (to p99)", xlabel="ms per token", ylabel="tokens")
     cdf.set(title="Cumulative distribution", xlabel="ms per token", ylabel="fraction of tokens", ylim=(0, 1.02))
     hist.legend(fontsize=8)
     cdf.legend(fontsize=8, loc="lower right")
