@@ -1,0 +1,129 @@
+"""Build-context pieces: base images, templates, the module scan, requirements, hadolint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kd2edge.errors import ConfigError, StageError
+from kd2edge.package.context import (JETSON_RELEASES, ModuleScan, base_image, build_command, dockerfile, hadolint,
+                                     image_requirements, image_tag, render, scan_modules)
+
+
+def test_render_fills_placeholders_and_rejects_mismatches():
+    assert render("FROM @@A@@ # @@B@@ @@A@@", {"A": "x", "B": "y"}) == "FROM x # y x"
+    with pytest.raises(KeyError):
+        render("@@A@@ @@B@@", {"A": "x"})
+    with pytest.raises(KeyError):
+        render("@@A@@", {"A": "x", "C": "z"})
+
+
+def test_base_image_kinds():
+    py = base_image("python:3.11-slim-bookworm")
+    assert (py.kind, py.python, py.jetson) == ("python", "3.11", None)
+    jet = base_image("nvcr.io/nvidia/l4t-jetpack:r36.4.0")
+    assert (jet.kind, jet.python) == ("l4t", "3.10")
+    assert jet.jetson == JETSON_RELEASES["r36.4"]
+    assert (jet.jetson.cuda, jet.jetson.jetpack) == ("12.6", "6.1")
+    with pytest.raises(ConfigError, match="r35.4 is not supported"):
+        base_image("nvcr.io/nvidia/l4t-jetpack:r35.4.1")
+    with pytest.raises(ConfigError, match="ubuntu:22.04 is not supported"):
+        base_image("ubuntu:22.04")
+
+
+def test_build_command_and_tag():
+    assert build_command("m:t", "linux/amd64", "/c") == "docker build --platform linux/amd64 -t m:t /c"
+    assert build_command("m:t", "linux/arm64", "/c") == "docker buildx build --platform linux/arm64 -t m:t --load /c"
+    assert image_tag("kd2edge-model", "laptop-cpu", "0123456789abcdef") == "kd2edge-model:laptop-cpu-0123456789ab"
+
+
+def _write(root: Path, rel: str, text: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_scan_follows_kd2edge_imports_at_any_depth(tmp_path):
+    root = tmp_path / "kd2edge"
+    _write(root, "__init__.py", "")
+    _write(root, "entry.py", "import json\nimport numpy as np\nfrom kd2edge.sub import b\n"
+                             "def f():\n    import torch\n    from kd2edge import lazy\n")
+    _write(root, "sub/__init__.py", "")
+    _write(root, "sub/b.py", "from . import c\nfrom .c import name\n")
+    _write(root, "sub/c.py", "import tokenizers\nname = 1\n")
+    _write(root, "lazy.py", "import psutil\n")
+    _write(root, "unused.py", "import transformers\n")
+    scan = scan_modules("kd2edge.entry", root)
+    assert [p.as_posix() for p in scan.files] == ["__init__.py", "entry.py", "lazy.py", "sub/__init__.py",
+                                                   "sub/b.py", "sub/c.py"]
+    assert set(scan.libraries) == {"numpy", "torch", "tokenizers", "psutil"}  # json is stdlib
+    assert scan.libraries["torch"] == ["kd2edge/entry.py:5"]
+    # psutil is imported at module level by lazy.py, which is itself imported lazily: it ships
+    assert set(scan.lazy_only) == {"torch"}
+
+
+def test_requirements_pin_allowed_libraries_and_refuse_heavy_ones():
+    cpu = base_image("python:3.11-slim-bookworm")
+    scan = ModuleScan(libraries={"numpy": ["a.py:1"], "onnxruntime": ["a.py:2"], "torch": ["a.py:9"]},
+                      lazy_only={"torch": ["a.py:9"], "onnxruntime": ["a.py:2"]})
+    lines, notes = image_requirements(scan, cpu, "onnxruntime")
+    from importlib.metadata import version
+    assert lines == [f"numpy=={version('numpy')}", f"onnxruntime=={version('onnxruntime')}"]
+    assert len(notes) == 1 and notes[0].startswith("torch is imported only inside functions (a.py:9)")
+    eager_torch = ModuleScan(libraries={"torch": ["a.py:3"]}, lazy_only={})
+    with pytest.raises(StageError, match=r"torch imported at a.py:3"):
+        image_requirements(eager_torch, cpu, "onnxruntime")
+
+
+def test_jetson_requirements_leave_onnxruntime_to_nvidias_index_and_pin_numpy_for_py310():
+    jet = base_image("nvcr.io/nvidia/l4t-jetpack:r36.4.0")
+    scan = ModuleScan(libraries={"numpy": ["a.py:1"], "onnxruntime": ["a.py:2"]}, lazy_only={})
+    lines, _ = image_requirements(scan, jet, "onnxruntime-gpu")
+    assert lines == ["numpy==2.2.6"]
+    with pytest.raises(StageError, match="tomllib"):
+        image_requirements(ModuleScan(libraries={"tomllib": ["p.py:1"]}), jet, "onnxruntime-gpu")
+
+
+def test_the_real_image_modules_are_torch_free_and_need_only_runtime_libraries():
+    scan = scan_modules()
+    files = {p.as_posix() for p in scan.files}
+    assert {"package/entrypoint.py", "serve.py", "runtime.py", "data/prompts.py", "profiling/profiler.py"} <= files
+    assert "cli.py" not in files and "package/stage.py" not in files
+    lines, _ = image_requirements(scan, base_image("python:3.11-slim-bookworm"), "onnxruntime")
+    names = {line.split("==")[0].lower() for line in lines}
+    assert {"onnxruntime", "tokenizers", "numpy", "jinja2"} <= names
+    assert not names & {"torch", "transformers", "optimum", "onnx"}
+
+
+@pytest.mark.parametrize("profile", ["laptop-cpu", "raspberry-pi-5", "jetson-orin-nano"])
+def test_generated_dockerfiles_pass_hadolint(profile, tmp_path):
+    from kd2edge.profiles import load_profile
+
+    p = load_profile(profile)
+    base = base_image(p.docker.base_image)
+    path = tmp_path / "Dockerfile"
+    path.write_text(dockerfile(base, p.name, p.docker.platform, 8080, build_command("i:t", p.docker.platform, ".")))
+    findings = hadolint(path)
+    assert findings == [], findings
+    text = path.read_text()
+    assert f"FROM {p.docker.base_image}" in text
+    if base.jetson:
+        assert "onnxruntime-gpu==1.23.0" in text and "https://pypi.jetson-ai-lab.io/jp6/cu126" in text
+        assert "CUDA 12.6" in text and "L4T r36.4" in text
+
+
+def test_hadolint_reports_a_bad_dockerfile(tmp_path):
+    path = tmp_path / "Dockerfile"
+    path.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\n")
+    findings = hadolint(path)
+    assert findings is not None and any("DL3007" in f for f in findings)  # the :latest tag
+
+
+def test_package_config_rejects_bad_image_names():
+    from kd2edge.package.config import PackageConfig
+    from kd2edge.schema import from_dict
+
+    assert from_dict(PackageConfig, {"image_name": "registry.local/team/kd2edge-model"}).image_name
+    with pytest.raises(ConfigError, match="not a Docker repository name"):
+        from_dict(PackageConfig, {"image_name": "Bad Name"})
