@@ -72,6 +72,11 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
         raise ArtifactError(f"{checkpoint_dir} is not a GPTQ checkpoint: export the output of `kd2edge quantize`")
     config = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
     arch = check_supported(config)
+    if (config.get("quantization_config") or {}).get("desc_act"):
+        # Measured: the builder passes g_idx to MatMulNBits, which onnxruntime's CPU kernel
+        # ignores, so act-order layers come out with scrambled groups (logits off by ~6 on a tiny Llama).
+        raise ModelError("onnxruntime-genai's CPU MatMulNBits ignores g_idx, so act-order GPTQ checkpoints export "
+                         "wrongly: quantize with act_order = false, or use --exporter onnx")
     try:
         from onnxruntime_genai.models.builder import create_model
     except ImportError as e:

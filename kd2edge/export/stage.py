@@ -1,0 +1,40 @@
+"""The export stage: GPTQ checkpoint (quantize artifact) -> ONNX artifact with a KV cache."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kd2edge.artifacts import Artifact, write_artifact
+from kd2edge.config import RunConfig
+
+
+def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
+    """Export `input_artifact` with the configured exporter, then check parity against PyTorch.
+
+    Raises:
+        ArtifactError: the input is not a GPTQ checkpoint.
+        ModelError: the exporter does not support the architecture.
+        StageError: the ONNX logits differ from the PyTorch reference beyond export.parity_atol.
+    """
+    from exporters import EXPORTERS
+    from exporters.optimum_onnx import quantize_embeddings_rtn
+    from kd2edge.export.parity import check_parity
+    from kd2edge.quant.checkpoint import load_dequantized_model
+
+    section = config.export
+    started = time.perf_counter()
+    meta = EXPORTERS[section.exporter](input_artifact.path, out_dir, quantize_embeddings=section.quantize_embeddings)
+    exported = time.perf_counter()
+    reference, _ = load_dequantized_model(input_artifact.path)
+    if meta.get("embeddings", "").startswith("int4-rtn"):
+        quantize_embeddings_rtn(reference)   # the same extra rounding the graph holds
+    report = check_parity(out_dir, reference, decode_steps=section.parity_decode_steps, atol=section.parity_atol,
+                          threads=config.profile.runtime.threads)
+    done = time.perf_counter()
+    files = meta.pop("files")
+    metrics = {"size_bytes": meta.pop("size_bytes"), "parity_max_abs_diff": report.max_abs_diff,
+               "parity": report.to_dict(), **{k: v for k, v in meta.items() if k not in ("format", "exporter")}}
+    return write_artifact(out_dir, "export", config.stage_config("export"), input_artifact, metrics,
+                          format=meta["format"], exporter=meta["exporter"], files=files,
+                          timings={"export_s": round(exported - started, 3), "parity_s": round(done - exported, 3)})
