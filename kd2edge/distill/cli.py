@@ -1,0 +1,100 @@
+"""`kd2edge plan` and `kd2edge distill`: thin commands over kd2edge.distill.stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kd2edge.cli_common import config_option, emit, info, json_option, profile_option, table
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "none")
+
+
+def _plan_summary(result: dict) -> str:
+    from kd2edge.units import format_bytes
+
+    chosen = result["choice"]["layers"]
+    rows = [[("*" if c["layers"] == chosen else "") + str(c["layers"]), f"{c['params'] / 1e6:.1f}M",
+             f"{c['param_fraction']:.2f}", format_bytes(c["size_bytes"]), format_bytes(c["kv_cache_bytes"]),
+             f"{c['decode_tokens_per_s']:.0f}", ", ".join(c["fails"]) or "fits"]
+            for c in result["candidates"]]
+    a, t = result["assumptions"], result["teacher"]
+    head = (f"teacher {result['teacher_id']}: {t['params'] / 1e6:.1f}M parameters, {t['layers']} layers; "
+            f"profile {result['profile']} ({a['bits']}-bit g{a['group_size']}, context {a['context_length']}, "
+            f"{a['memory_bandwidth'] / 1e9:.1f} GB/s)")
+    foot = f"choice: {chosen} layers ({result['choice']['params'] / 1e6:.1f}M parameters)"
+    return "\n".join([head, table(rows, ["layers", "params", "share", "4-bit size", "KV cache", "tok/s", "budgets"]), foot])
+
+
+@click.command()
+@click.option("--teacher", default=None, help="Teacher: 'embedded', a hub id, a folder or a .gguf file.")
+@profile_option
+@config_option
+@click.option("--max-param-fraction", type=float, default=None,
+              help="Largest student share of the teacher's parameters. [default: 0.6]")
+@json_option
+def plan(teacher, profile, config_file, max_param_fraction, as_json):
+    """List candidate students (teacher cut to fewer layers) with size, KV cache and predicted speed.
+
+    The choice is the largest candidate that meets the profile's size, memory and
+    decode-speed budgets; predicted tokens/s = memory bandwidth / (4-bit weights + KV cache).
+    """
+    from kd2edge.config import load_config
+    from kd2edge.distill.stage import plan_for
+    from kd2edge.models import resolve_model
+
+    config = load_config(config_file, profile=profile,
+                         overrides={"teacher": teacher, "distill.max_param_fraction": max_param_fraction})
+    artifact = resolve_model(config.teacher)
+    result = {"teacher_id": artifact.manifest.get("id", config.teacher), "profile": config.profile.name,
+              **plan_for(config, artifact.path)}
+    emit(result, as_json, _plan_summary)
+
+
+def _distill_summary(metrics: dict) -> str:
+    s, t = metrics["student"], metrics["teacher"]
+    lines = [f"student {s['layers']} layers, {s['params'] / 1e6:.1f}M parameters "
+             f"({metrics['param_reduction']:.0%} fewer than the teacher's {t['params'] / 1e6:.1f}M)"]
+    if s.get("layers_kept") is not None:
+        lines.append(f"kept layers {s['layers_kept']}")
+    if metrics.get("kd_loss_first") is not None:
+        lines.append(f"KD loss {metrics['kd_loss_first']:.3f} -> {metrics['kd_loss_last']:.3f}")
+    lines.append(f"validation F1 {metrics['f1_before']:.3f} -> {metrics['f1_after']:.3f}, "
+                 f"EM {metrics['em_before']:.3f} -> {metrics['em_after']:.3f} (n={metrics['eval']['n']})")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--teacher", default=None, help="Teacher: 'embedded', a hub id, a folder or a .gguf file.")
+@profile_option
+@config_option
+@click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="Output folder for the student.")
+@click.option("--student", default=None, help="A hub id or folder sharing the teacher's tokenizer. [default: planned]")
+@click.option("--steps", type=int, default=None, help="Optimizer steps.")
+@click.option("--loss", type=click.Choice(LOSSES), default=None, help="Divergence to the teacher.")
+@click.option("--temperature", type=float, default=None, help="Softmax temperature of the divergence.")
+@click.option("--kd-ratio", type=float, default=None, help="Weight of the divergence (the rest: CE on the gold answer).")
+@click.option("--data", default=None, help="Training data: 'embedded', a hub id, or a SQuAD JSON / JSONL file.")
+@click.option("--shots", type=click.IntRange(0, 1), default=None, help="Zero- or one-shot training prompts.")
+@click.option("--sequence-kd/--no-sequence-kd", default=None, help="Train on the teacher's own answers.")
+@click.option("--seed", type=int, default=None)
+@click.option("--force", is_flag=True, help="Rerun even if the output is up to date.")
+@json_option
+def distill(teacher, profile, config_file, out, student, steps, loss, temperature, kd_ratio, data, shots,
+            sequence_kd, seed, force, as_json):
+    """Distill a student from a teacher (resumable: rerun the same command after a stop)."""
+    from kd2edge.config import load_config
+    from kd2edge.models import resolve_model
+    from kd2edge.pipeline import run_stage
+
+    overrides = {"teacher": teacher, "data": data, "seed": seed, "distill.student": student, "distill.steps": steps,
+                 "distill.loss": loss, "distill.temperature": temperature, "distill.kd_ratio": kd_ratio,
+                 "distill.shots": shots, "distill.sequence_kd": sequence_kd}
+    config = load_config(config_file, profile=profile, overrides=overrides)
+    info(f"distill: teacher {config.teacher}, profile {config.profile.name}, output {out}")
+    result = run_stage("distill", config, resolve_model(config.teacher), Path(out), force=force)
+    info(f"distill: {result.status} in {result.seconds:.0f} s")
+    metrics = result.artifact.metrics
+    emit({"status": result.status, "path": str(result.artifact.path), **metrics}, as_json,
+         lambda _: _distill_summary(metrics))
