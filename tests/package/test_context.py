@@ -127,3 +127,12 @@ def test_package_config_rejects_bad_image_names():
     assert from_dict(PackageConfig, {"image_name": "registry.local/team/kd2edge-model"}).image_name
     with pytest.raises(ConfigError, match="not a Docker repository name"):
         from_dict(PackageConfig, {"image_name": "Bad Name"})
+
+
+def test_the_projects_own_dockerfile_passes_hadolint():
+    from kd2edge.profiles import profiles_dir
+
+    dockerfile_path = profiles_dir().parent / "Dockerfile"
+    assert hadolint(dockerfile_path) == []
+    text = dockerfile_path.read_text()
+    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in text and "download.pytorch.org/whl/cpu" in text
