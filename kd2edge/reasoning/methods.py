@@ -149,7 +149,7 @@ def task_weights(pairs: Sequence[TrainPair], rationale_weight: float = 1.0) -> l
     return [rationale_weight if multitask and p.task == "rationale" else 1.0 for p in pairs]
 
 
-def test_prompt(item: QAItem, method: str, prompt_fn: Callable[[QAItem], str] | None = None,
+def eval_prompt(item: QAItem, method: str, prompt_fn: Callable[[QAItem], str] | None = None,
                 answer_prefix: str = ANSWER_PREFIX) -> str:
     """The prompt a student trained with `method` is asked at test time.
 
@@ -163,7 +163,7 @@ def test_prompt(item: QAItem, method: str, prompt_fn: Callable[[QAItem], str] | 
 
 
 def read_answer(output: str, item: QAItem, method: str) -> str:
-    """The answer in a student's output to `test_prompt` (for scoring with the evaluator's metrics)."""
+    """The answer in a student's output to `eval_prompt` (for scoring with the evaluator's metrics)."""
     from kd2edge.data.prompts import extract_answer
 
     if method == "rationale":

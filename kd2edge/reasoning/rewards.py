@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,10 @@ def extract_code(text: str) -> str:
 
 
 def code_reward(code: str, tests: str, timeout_s: float = 10.0) -> float:
-    """1.0 if `code` followed by `tests` exits 0 in a fresh Python process, else 0.0.
+    """1.0 if `code` followed by `tests` runs to the end in a fresh Python process, else 0.0.
+
+    The program must reach a random marker printed after the tests, so a candidate that
+    exits early with status 0 (`sys.exit(0)`, `os._exit(0)`) does not pass.
 
     Args:
         code: the candidate program.
@@ -55,17 +59,18 @@ def code_reward(code: str, tests: str, timeout_s: float = 10.0) -> float:
     Returns:
         1.0 or 0.0.
     """
+    marker = f"kd2edge-tests-passed-{secrets.token_hex(8)}"
     with tempfile.TemporaryDirectory(prefix="kd2edge-code-") as tmp:
         path = os.path.join(tmp, "candidate.py")
         with open(path, "w", encoding="utf-8") as fh:
-            fh.write(code + "\n\n" + tests + "\n")
-        # -I: isolated (no user site, no PYTHON* env vars, cwd not on sys.path).
+            fh.write(f"{code}\n\n{tests}\n\nprint({marker!r})\n")
+        # -I: isolated (no user site, no PYTHON* env vars, cwd not on sys.path); minimal env.
         try:
             done = subprocess.run([sys.executable, "-I", path], cwd=tmp, capture_output=True,
                                   timeout=timeout_s, env={"PATH": os.environ.get("PATH", "")})
         except subprocess.TimeoutExpired:
             return 0.0
-    return 1.0 if done.returncode == 0 else 0.0
+    return 1.0 if done.returncode == 0 and marker.encode() in done.stdout else 0.0
 
 
 def answer_score(item: QAItem, answer: str | None, completion: str = "") -> float:
