@@ -344,9 +344,18 @@ def metric_lang(item: QAItem) -> str | None:
 
 
 def score_answer(item: QAItem, prediction: str) -> dict:
-    """Per-item scores of a generated answer: em, f1 (and rouge_l for free text), correct."""
+    """Per-item scores of a generated answer: em, f1 (and rouge_l for free text), correct.
+
+    An unanswerable item (SQuAD v2.0: no gold answer) is matched by an empty answer or an
+    abstention ("unanswerable", "no answer", ... see `metrics.NO_ANSWER_PHRASES`).
+    """
+    answerable = any(metrics.normalize_answer(a) for a in item.gold)
+    if not answerable and metrics.is_no_answer(prediction):
+        prediction = ""
     em, f1 = metrics.squad_scores(prediction, item.gold, lang=metric_lang(item))
     out = {"em": em, "f1": f1}
+    if not answerable:
+        out["answerable"] = False
     if item.task == "free_text":
         out["rouge_l"] = metrics.rouge_l_max(prediction, item.gold, stem=True)
         out["correct"] = out["rouge_l"] >= FREE_TEXT_CORRECT
@@ -364,6 +373,11 @@ def summarize(records: Sequence[dict], task: str) -> dict:
     if not records:
         raise DataError("nothing was evaluated: the split has no items")
     out = means(records)
+    if any(r.get("answerable") is False for r in records):
+        # SQuAD v2.0's breakdown: questions with an answer and those without.
+        has = [r for r in records if r.get("answerable", True)]
+        out["has_answer"] = means(has) if has else {"n": 0}
+        out["no_answer"] = means([r for r in records if r.get("answerable") is False])
     languages = sorted({r["language"] for r in records})
     if len(languages) > 1 or languages != ["en"]:
         out["by_language"] = {lang: means([r for r in records if r["language"] == lang]) for lang in languages}

@@ -106,6 +106,18 @@ def squad_scores(prediction: str, answers: Sequence[str], lang: str | None = Non
             metric_max_over_ground_truths(f1_score, prediction, golds, lang=lang))
 
 
+# Answers that say "there is no answer". SQuAD v2.0 counts only the empty string as an
+# abstention; a prompted LLM words it instead, so for unanswerable items these count as "".
+NO_ANSWER_PHRASES = ("unanswerable", "no answer", "none", "n/a", "unknown", "not answerable",
+                     "cannot be answered", "not mentioned", "not in the context", "not stated")
+
+
+def is_no_answer(prediction: str) -> bool:
+    """Whether a prediction is empty or an abstention phrase (after SQuAD normalization)."""
+    text = normalize_answer(prediction)
+    return text == "" or text in {normalize_answer(p) for p in NO_ANSWER_PHRASES}
+
+
 # ----------------------------------------------------------------------------- MLQA
 
 # Articles removed per language, as in MLQA's script. vi removes the classifier and

@@ -100,3 +100,17 @@ def test_summarize_breaks_down_by_language():
     assert s["n"] == 3 and s["em"] == pytest.approx(2 / 3) and s["f1"] == pytest.approx(2.5 / 3)
     assert s["by_language"]["es"] == {"n": 2, "em": 0.5, "f1": 0.75}
     assert s["by_language"]["en"]["n"] == 1
+
+
+def test_unanswerable_items_accept_abstentions_and_are_broken_down():
+    no_ans = QAItem(id="u", question="q", context="c", answers=())
+    assert ev.score_answer(no_ans, "Unanswerable.") == {"em": 1.0, "f1": 1.0, "answerable": False, "correct": True}
+    assert ev.score_answer(no_ans, "") == {"em": 1.0, "f1": 1.0, "answerable": False, "correct": True}
+    assert ev.score_answer(no_ans, "Paris")["f1"] == 0.0
+    # an answerable item whose gold is "none" is scored as usual
+    assert ev.score_answer(QAItem(id="n", question="q", answers=("none",)), "none")["em"] == 1.0
+    records = [{"language": "en", "em": 1.0, "f1": 1.0, "answerable": False},
+               {"language": "en", "em": 0.0, "f1": 0.5}, {"language": "en", "em": 1.0, "f1": 1.0}]
+    s = ev.summarize(records, "extractive")
+    assert s["no_answer"] == {"n": 1, "em": 1.0, "f1": 1.0}
+    assert s["has_answer"] == {"n": 2, "em": 0.5, "f1": 0.75}
