@@ -100,7 +100,7 @@ def student_prompt(item: QAItem) -> str:
 # ----------------------------------------------------------------------------- the filter
 
 def filter_decision(item: QAItem, parsed: ParsedOutput, needs_rationale: bool, min_score: float,
-                    keep: str = "correct") -> tuple[bool, str | None, float]:
+                    keep: str = "correct", completion: str = "") -> tuple[bool, str | None, float]:
     """Whether a teacher output is kept for training, and why not.
 
     Args:
@@ -110,13 +110,14 @@ def filter_decision(item: QAItem, parsed: ParsedOutput, needs_rationale: bool, m
         min_score: an answer counts as right when `answer_score >= min_score`
             (F1 for extractive, Rouge-L for free text; multiple choice scores 0 or 1).
         keep: "correct" drops wrong answers; "all" keeps them (the reason is still recorded).
+        completion: the whole output (code items run the code found anywhere in it).
 
     Returns:
         (kept, drop_reason or None, answer score). Reasons: "no_answer", "no_rationale",
         "meta_talk" (the rationale talks about the draft/critique), "wrong_answer". With
         keep="all" only unusable outputs (no answer, no usable rationale) are dropped.
     """
-    score = answer_score(item, parsed.answer)
+    score = answer_score(item, parsed.answer, completion)
     if parsed.answer is None:
         return False, NO_ANSWER, score
     if needs_rationale and not parsed.has_rationale:
@@ -187,7 +188,7 @@ def make_record(item: QAItem, method: str, prompts: dict, outputs: dict, keep: s
     """
     final = outputs[list(outputs)[-1]]
     parsed = parse_answer_output(final, item) if method == "answer" else parse_rationale_answer(final)
-    kept, reason, score = filter_decision(item, parsed, method != "answer", min_score, keep)
+    kept, reason, score = filter_decision(item, parsed, method != "answer", min_score, keep, final)
     return TeacherRecord(id=item.id, method=method, item=item_to_dict(item), student_prompt=student,
                          prompts=prompts, outputs=outputs, rationale=parsed.rationale, answer=parsed.answer,
                          score=round(score, 6), kept=kept, drop_reason=reason)
@@ -270,6 +271,25 @@ def teacher_records(items: Sequence[QAItem], method: str, generate: Generator, k
         outs["revision"] = generate(steps["revision"], "revision")
     return [make_record(it, method, {k: v[i] for k, v in steps.items()}, {k: v[i] for k, v in outs.items()},
                         keep, min_score, students[i]) for i, it in enumerate(items)]
+
+
+def records_from_teacher(model, tokenizer, items: Sequence[QAItem], method: str, keep: str = "correct",
+                         min_score: float = 0.5, max_new_tokens: int = 160, batch_size: int = 8,
+                         progress: bool = True) -> list[TeacherRecord]:
+    """`teacher_records` with a loaded transformers teacher (batched greedy generation).
+
+    Args:
+        model, tokenizer: the teacher, already loaded (eval mode, on its device).
+        items, method, keep, min_score: see `teacher_records`.
+        max_new_tokens, batch_size, progress: see `greedy_generate`.
+
+    Raises:
+        DataError: as `teacher_records`.
+    """
+    def generate(prompts, step):
+        return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc=step, progress=progress)
+
+    return teacher_records(items, method, generate, keep, min_score)
 
 
 def check_method(method: str, keep: str = "correct") -> None:
@@ -375,11 +395,8 @@ def generate_data(teacher: str, data: str, method: str, out: str | Path, limit: 
         raise DataError(f"dataset {data!r} has no items in split {split!r}: check --data and --limit")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_causal_lm(resolve_model(teacher).path, device=device)
-
-    def generate(prompts, step):
-        return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc=step, progress=progress)
-
-    records = teacher_records(dataset.items, method, generate, keep, min_score)
+    records = records_from_teacher(model, tokenizer, dataset.items, method, keep, min_score, max_new_tokens,
+                                   batch_size, progress)
     write_jsonl_atomic(out, (r.to_json() for r in records))
     summary = {"out": str(out), "teacher": teacher, "data": data, "split": split, "method": method, "keep": keep,
                "min_score": min_score, **summarize(records)}

@@ -161,3 +161,16 @@ def test_pairs_bad_inputs():
     assert build_pairs(answers_only, "answer")[0].target == " Adaline Qorr"
     with pytest.raises(DataError, match="generated with --method answer"):
         build_pairs(answers_only, "rationale")
+
+
+def test_code_item_kept_when_its_tests_pass():
+    item = QAItem(id="c", question="Write add(a, b).", answers=("def add(a, b):\n    return a + b",),
+                  task="free_text", meta={"tests": "assert add(2, 2) == 4"})
+
+    def replies(body):
+        return lambda prompts, step: [f"Rationale: add the two arguments.\n```python\n{body}\n```\nAnswer: the code above"]
+
+    (good,) = teacher_records([item], "rationale", replies("def add(a, b):\n    return a + b"))
+    (bad,) = teacher_records([item], "rationale", replies("def add(a, b):\n    return a * 3"))
+    assert (good.kept, good.score) == (True, 1.0)
+    assert (bad.kept, bad.drop_reason, bad.score) == (False, "wrong_answer", 0.0)
