@@ -36,6 +36,19 @@ def drop_initializers(model: onnx.ModelProto, names: set[str]) -> None:
     model.graph.initializer.extend(kept)
 
 
+def drop_dead_nodes(model: onnx.ModelProto) -> int:
+    """Remove nodes none of whose outputs is read (by a node or as a graph output); returns how many."""
+    removed = 0
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        alive = [n for n in model.graph.node if any(o in used for o in n.output)]
+        if len(alive) == len(model.graph.node):
+            return removed
+        removed += len(model.graph.node) - len(alive)
+        del model.graph.node[:]
+        model.graph.node.extend(alive)
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> int:
     """Remove initializers no node reads; returns how many bytes of raw data that freed."""
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}

@@ -156,7 +156,7 @@ def rewrite_graph(proto, model, layers: dict, vocab_q: dict, accuracy_level: int
 
     g.ensure_ms_opset(proto)
     inits = g.initializers(proto)
-    matmuls = {g.module_of(n): n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    matmuls = {g.module_of(n): n for n in proto.graph.node if n.op_type == "MatMul"}
     worst, act_order = 0.0, 0
     for name, qt in layers.items():
         node = matmuls.get(name)
@@ -165,6 +165,9 @@ def rewrite_graph(proto, model, layers: dict, vocab_q: dict, accuracy_level: int
                              f"graph is not supported by the onnx exporter, try --exporter onnx-genai")
         codes, zeros = gptq_codes(qt.qweight.numpy(), qt.qzeros.numpy(), qt.bits)
         packed = to_matmulnbits(codes, zeros, qt.scales.float().numpy(), qt.g_idx.numpy(), qt.group_size)
+        if node.input[1] not in inits:
+            raise StageError(f"the traced MatMul of {name} does not read a stored weight: this architecture's "
+                             f"graph is not supported by the onnx exporter, try --exporter onnx-genai")
         traced = numpy_helper.to_array(inits[node.input[1]])                      # (K, N) = W^T
         if packed["perm"] is not None:
             traced, act_order = traced[packed["perm"]], act_order + 1
@@ -188,8 +191,9 @@ def rewrite_graph(proto, model, layers: dict, vocab_q: dict, accuracy_level: int
                 _quantize_head(proto, name, q, matmuls[name], accuracy_level)
     elif tied and head_name in matmuls:
         _share_tied_head(proto, embed_name, matmuls[head_name])
-    fp16_saved = g.store_fp16(proto)
+    g.drop_dead_nodes(proto)
     g.drop_unused_initializers(proto)
+    fp16_saved = g.store_fp16(proto)
     return {"quantized_layers": len(layers), "act_order_layers": act_order, "accuracy_level": accuracy_level,
             "nbits_weight_max_abs_diff": worst, "tied_embeddings": tied,
             "embeddings": f"int4-rtn-block{EMBEDDING_BLOCK}" if vocab_q else "float16" if fp16_saved else "float32",
@@ -264,8 +268,9 @@ def _share_tied_head(proto, embed_name: str, head_node) -> None:
 
     inits = g.initializers(proto)
     embed = f"{embed_name}.weight"
-    if embed not in inits or not np.array_equal(numpy_helper.to_array(inits[head_node.input[1]]),
-                                                numpy_helper.to_array(inits[embed]).T):
+    if head_node.input[1] not in inits or embed not in inits:
+        return  # the tracer already reads the embedding through a Transpose
+    if not np.array_equal(numpy_helper.to_array(inits[head_node.input[1]]), numpy_helper.to_array(inits[embed]).T):
         return  # not the same matrix after all: keep both
     transposed = f"{embed}.transposed"
     g.insert_before(proto, head_node, [helper.make_node("Transpose", [embed], [transposed],
