@@ -142,16 +142,17 @@ def dequantize_tensors(qt: QuantTensors) -> torch.Tensor:
     return dequantize_codes(codes, scales.T[:, g], zeros.T[:, g])
 
 
-def quantization_config(bits: int, group_size: int, desc_act: bool, sym: bool, damp: float = 0.01) -> dict:
+def quantization_config(bits: int, group_size: int, desc_act: bool, sym: bool, damp: float = 0.01,
+                        static_groups: bool = False) -> dict:
     """The `quantization_config` block of config.json (also quantize_config.json)."""
     return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
-            "damp_percent": damp, "static_groups": False, "true_sequential": False,
+            "damp_percent": damp, "static_groups": static_groups, "true_sequential": False,
             "checkpoint_format": "gptq", "model_file_base_name": "model", "lm_head": False}
 
 
 def write_gptq_checkpoint(model, tokenizer, results: dict[str, GPTQResult], out_dir: str | Path, bits: int,
                           group_size: int, desc_act: bool, sym: bool, damp: float = 0.01,
-                          dtype: str = "float16") -> Path:
+                          dtype: str = "float16", static_groups: bool = False) -> Path:
     """Write `model` as a standard GPTQ checkpoint folder, its Linears in `results` quantized.
 
     Args:
@@ -159,7 +160,7 @@ def write_gptq_checkpoint(model, tokenizer, results: dict[str, GPTQResult], out_
         tokenizer: saved beside the weights.
         results: module name (e.g. "model.layers.0.self_attn.q_proj") -> its GPTQResult.
         out_dir: the folder to write (created if needed).
-        bits, group_size, desc_act, sym, damp: recorded in `quantization_config`; bits and
+        bits, group_size, desc_act, sym, damp, static_groups: recorded in `quantization_config`; bits and
             group_size must match every result.
         dtype: "float16" or "float32" for the unquantized tensors (embeddings, norms, lm_head).
 
@@ -203,9 +204,11 @@ def write_gptq_checkpoint(model, tokenizer, results: dict[str, GPTQResult], out_
     weights = out_dir / WEIGHTS_FILE
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
 
-    qcfg = quantization_config(bits, group_size, desc_act, sym, damp)
+    qcfg = quantization_config(bits, group_size, desc_act, sym, damp, static_groups)
     config = model.config.to_dict()
     config.update(quantization_config=qcfg, torch_dtype=dtype, dtype=dtype)
+    # save_pretrained fills this in; readers (onnxruntime-genai's builder) dispatch on it.
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
     (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n", encoding="utf-8")
     if getattr(model, "generation_config", None) is not None:

@@ -15,6 +15,9 @@ class QuantizeConfig:
     group_size: int | None = None    # None: the profile's; -1 = per output channel
     act_order: bool | None = None    # None: the profile's
     sym: bool | None = None          # None: the profile's
+    # With act-order, keep groups contiguous (g_idx = column // group_size): onnxruntime's
+    # MatMulNBits computes wrong weights from a non-trivial g_idx (measured, see quant/stage.py).
+    static_groups: bool = True
     damp: float = field(default=0.01, metadata=rule(min=0, max=1, help="fraction of mean diag(H) added"))
     block_size: int = field(default=128, metadata=rule(min=1, max=8192))
     calib_samples: int = field(default=128, metadata=rule(min=1, max=100_000))

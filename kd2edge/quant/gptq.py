@@ -197,7 +197,7 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tenso
 
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
                          act_order: bool = True, sym: bool = False, damp: float = 0.01,
-                         block_size: int = 128) -> GPTQResult:
+                         block_size: int = 128, static_groups: bool = False) -> GPTQResult:
     """Quantize one weight matrix with GPTQ (Algorithm 1 of the paper, with groups and act-order).
 
     Args:
@@ -209,6 +209,10 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
         sym: symmetric grid.
         damp: relative dampening lambda / mean(diag(H)).
         block_size: columns per lazy-update block.
+        static_groups: groups are contiguous runs of columns in the original order with their
+            grid fixed from the unquantized W up front (AutoGPTQ's "static groups"), so
+            g_idx = column // group_size even with act-order. Readers that ignore or mishandle
+            g_idx (onnxruntime's MatMulNBits) then compute the right weight.
 
     Returns:
         The GPTQResult; its `dequant` is the quantized weight in W's column order.
@@ -240,6 +244,15 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
     Q = torch.zeros_like(W)                                 # (out, in) codes, quantization order
     scales = torch.zeros(rows, n_groups, device=W.device)
     zeros = torch.zeros(rows, n_groups, device=W.device)
+    static = static_groups and group_size != -1
+    # group of the column at each quantization position
+    position_group = (torch.arange(cols, device=W.device) // gs).tolist()
+    if static:
+        W_unperm = W if perm is None else W[:, torch.argsort(perm)]
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = find_params(W_unperm[:, g * gs:(g + 1) * gs], bits, sym)
+        if perm is not None:
+            position_group = (perm // gs).tolist()
     W_orig = W.clone()
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -248,13 +261,13 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % gs == 0:
+            if not static and col % gs == 0:
                 # The group's current (error-compensated) columns: in-block ones are in W1, later
                 # ones in W. Exact when block_size and group_size divide one another.
                 current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
                 scale, zero = find_params(current, bits, sym)
                 scales[:, col // gs], zeros[:, col // gs] = scale, zero
-            g = col // gs
+            g = position_group[col]
             w = W1[:, i]                                    # (out,)
             q = quantize_codes(w, scales[:, g], zeros[:, g], maxq)
             Q[:, col] = q
@@ -263,7 +276,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                # lazy batch update of later columns
 
-    g_idx = _group_index(cols, group_size, perm, W.device)
+    g_idx = _group_index(cols, group_size, None if static else perm, W.device)
     if perm is not None:
         inv = torch.argsort(perm)
         Q, W_orig, H_damped = Q[:, inv], W_orig[:, inv], H_damped[inv][:, inv]

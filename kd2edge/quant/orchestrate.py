@@ -122,7 +122,7 @@ def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> 
 @torch.no_grad()
 def quantize_model(model, calib_ids: list[torch.Tensor], bits: int = 4, group_size: int = 128,
                    act_order: bool = True, sym: bool = False, damp: float = 0.01, block_size: int = 128,
-                   method: str = "gptq", device: str = "cpu",
+                   method: str = "gptq", device: str = "cpu", static_groups: bool = False,
                    min_tokens: int = MIN_CALIB_TOKENS) -> tuple[dict[str, GPTQResult], list[dict]]:
     """Quantize every decoder-layer Linear of `model` in place (weights become their dequantized values).
 
@@ -130,9 +130,10 @@ def quantize_model(model, calib_ids: list[torch.Tensor], bits: int = 4, group_si
         model: a transformers causal LM (llama, qwen2, gpt_neox style); moved to `device`.
         calib_ids: calibration samples, each a 1-D (or (1, seq)) LongTensor of token ids.
         bits, group_size, act_order, sym, damp, block_size: GPTQ settings (see `gptq_quantize_weight`).
+        static_groups: see `gptq_quantize_weight` (keeps g_idx trivial under act-order).
         method: "gptq" or "rtn" (round-to-nearest; calibration is still run, for the error report).
         device: "cpu" or "cuda".
-        min_tokens: refuse fewer calibration tokens than this.
+        min_tokens: refuse fewer calibration tokens than this (or than the widest Linear's in_features).
 
     Returns:
         (results, report): results maps full module names ("model.layers.0.self_attn.q_proj") to
@@ -148,12 +149,15 @@ def quantize_model(model, calib_ids: list[torch.Tensor], bits: int = 4, group_si
 
     if method not in ("gptq", "rtn"):
         raise ValueError(f"unknown method {method!r}")
-    n_tokens = sum(int(ids.numel()) for ids in calib_ids)
-    if n_tokens < min_tokens:
-        raise DataError(f"only {n_tokens} calibration tokens ({len(calib_ids)} samples): need at least {min_tokens}; "
-                        f"give a larger dataset (--data) or more --calib-samples")
     check_model(model, bits, group_size)
     prefix, layers = find_decoder_layers(model)
+    # Fewer tokens than input features leave H rank-deficient: GPTQ would rest on damping alone.
+    widest = max(lin.in_features for layer in layers for lin in quantizable_linears(layer).values())
+    need = max(min_tokens, widest)
+    n_tokens = sum(int(ids.numel()) for ids in calib_ids)
+    if n_tokens < need:
+        raise DataError(f"only {n_tokens} calibration tokens ({len(calib_ids)} samples): need at least {need} "
+                        f"(the widest layer's inputs); give a larger dataset (--data) or more --calib-samples")
     model.to(device).eval()
     calls = _capture_first_layer_inputs(model, layers, calib_ids, device)
 
@@ -185,7 +189,8 @@ def quantize_model(model, calib_ids: list[torch.Tensor], bits: int = 4, group_si
             row = {"layer": i, "name": name, "in": lin.in_features, "out": lin.out_features,
                    "rtn_rel_err": round(relative_output_error(W, rtn.dequant, H), 6)}
             if method == "gptq":
-                result = gptq_quantize_weight(W, H, bits, group_size, act_order, sym, damp, block_size)
+                result = gptq_quantize_weight(W, H, bits, group_size, act_order, sym, damp, block_size,
+                                              static_groups=static_groups)
                 row["gptq_rel_err"] = round(relative_output_error(W, result.dequant, H), 6)
             else:
                 result = rtn

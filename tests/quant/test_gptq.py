@@ -137,3 +137,18 @@ def test_block_size_does_not_change_the_result():
     b = gptq_quantize_weight(W, H, 4, 32, act_order=True, sym=False, damp=0.01, block_size=64)
     assert (a.qweight_int == b.qweight_int).float().mean() > 0.99
     assert a.loss == pytest.approx(b.loss, rel=1e-2)
+
+
+def test_static_groups_keep_g_idx_trivial_under_act_order():
+    X = _correlated_inputs(seed=7)
+    W = torch.randn(16, 64)
+    H, _ = accumulate_hessian(None, X, 0)
+    g = gptq_quantize_weight(W, H, 4, 16, act_order=True, sym=False, damp=0.01, block_size=32, static_groups=True)
+    assert torch.equal(g.g_idx, (torch.arange(64) // 16).to(torch.int32))
+    # each group's grid is the min-max grid of the original columns of that group
+    for k in range(4):
+        scale, zero = find_params(W[:, 16 * k:16 * (k + 1)], 4, sym=False)
+        assert torch.equal(g.scales[:, k], scale) and torch.equal(g.zeros[:, k], zero.to(torch.int32))
+    assert torch.equal(dequantize_codes(g.qweight_int, g.scales[:, g.g_idx.long()], g.zeros[:, g.g_idx.long()]), g.dequant)
+    r = rtn_quantize_weight(W, 4, 16, sym=False, H=H)
+    assert g.loss < r.loss

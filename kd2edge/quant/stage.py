@@ -1,0 +1,171 @@
+"""The quantize stage: distilled model -> 4-bit GPTQ checkpoint (standard on-disk format).
+
+Calibration is the run's own training prompts (prompt + gold answer, as distillation sees
+them). The checkpoint is read back and checked against the quantizer's weights (must be
+bit-identical), and the reloaded model's loss on held-out prompts is compared with the
+unquantized model's. With act-order, groups are static by default: onnxruntime-genai's
+builder passes g_idx to MatMulNBits when `desc_act` is true, and on CPU (onnxruntime 1.32)
+that gives wrong outputs even for a trivial g_idx (relative logit error ~0.3 on a tiny
+qwen2), while the same weights without g_idx match to 1e-7.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from kd2edge.artifacts import Artifact, write_artifact
+from kd2edge.errors import ArtifactError, StageError
+
+HELD_OUT_SAMPLES = 8
+
+
+def model_folder(artifact: Artifact) -> Path:
+    """The transformers folder inside a distill artifact (or a plain model folder).
+
+    Raises:
+        ArtifactError: the folder holds no config.json.
+    """
+    if (artifact.path / "config.json").is_file():
+        return artifact.path
+    raise ArtifactError(f"{artifact.path} holds no model (config.json): give a distill artifact or a model folder")
+
+
+def calibration_texts(data: str, split: str, n: int, seed: int) -> tuple[list[str], dict]:
+    """Up to `n` prompts of `split` with their gold answers, and where they came from.
+
+    Raises:
+        DataError: the dataset cannot be loaded or is empty.
+    """
+    from kd2edge.data.loaders import load_qa
+    from kd2edge.data.prompts import build_prompt, target_text
+
+    dataset = load_qa(data, split, limit=n, seed=seed)
+    texts = [build_prompt(item) + (target_text(item) if item.gold else "") for item in dataset.items]
+    return texts, {"dataset": dataset.name, "split": dataset.split, "warnings": list(dataset.warnings)}
+
+
+def tokenize_calibration(tokenizer, texts: list[str], max_tokens: int) -> list:
+    """Each text as a 1-D LongTensor of at most `max_tokens` ids."""
+    return [tokenizer(t, return_tensors="pt", truncation=True, max_length=max_tokens).input_ids[0] for t in texts]
+
+
+def mean_nll(model, ids_list: list) -> float:
+    """Mean next-token negative log-likelihood (nats/token) of `model` over the samples."""
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for ids in ids_list:
+            ids = ids.reshape(1, -1).to(device)
+            if ids.shape[1] < 2:
+                continue
+            logits = model(ids).logits[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return total / max(count, 1)
+
+
+def write_error_plot(report: list[dict], path: Path) -> Path:
+    """Per-Linear relative output error, GPTQ vs RTN, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    x = range(len(report))
+    ax.plot(x, [r["rtn_rel_err"] for r in report], ".", label="RTN", alpha=0.7)
+    if report and "gptq_rel_err" in report[0]:
+        ax.plot(x, [r["gptq_rel_err"] for r in report], ".", label="GPTQ", alpha=0.9)
+    ax.set_xlabel("Linear (layer order)")
+    ax.set_ylabel("||WX - QX|| / ||WX||")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Reconstruction error per quantized Linear on calibration inputs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
+    """Quantize the input model with the run's [quantize] settings and write the GPTQ checkpoint.
+
+    Raises:
+        DataError: calibration data missing or too small.
+        ModelError / ConfigError: a model or setting GPTQ cannot handle.
+        StageError: the written checkpoint does not read back to the quantized weights.
+    """
+    import torch
+
+    from kd2edge.artifacts import write_json_atomic
+    from kd2edge.models import load_causal_lm
+    from kd2edge.quant.checkpoint import dequantize_tensors, load_dequantized_model, read_gptq_tensors, write_gptq_checkpoint
+    from kd2edge.quant.orchestrate import quantize_model, summarize
+    from kd2edge.resources import folder_size
+
+    q = config.quantize
+    out_dir = Path(out_dir)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    src = model_folder(input_artifact)
+    model, tokenizer = load_causal_lm(src, device=device)
+
+    texts, source = calibration_texts(config.data, "train", q.calib_samples, config.seed)
+    calib = tokenize_calibration(tokenizer, texts, q.calib_max_tokens)
+    held_texts, _ = calibration_texts(config.data, "validation", HELD_OUT_SAMPLES, config.seed + 1)
+    held = tokenize_calibration(tokenizer, held_texts, q.calib_max_tokens)
+    nll_fp = mean_nll(model, held)
+    timings["load_s"] = round(time.perf_counter() - t0, 3)
+
+    t = time.perf_counter()
+    static = bool(q.static_groups and q.act_order)
+    results, report = quantize_model(model, calib, bits=q.bits, group_size=q.group_size, act_order=q.act_order,
+                                     sym=q.sym, damp=q.damp, block_size=q.block_size, method=q.method,
+                                     device=device, static_groups=static)
+    timings["quantize_s"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    write_gptq_checkpoint(model, tokenizer, results, out_dir, bits=q.bits, group_size=q.group_size,
+                          desc_act=bool(q.act_order and not static), sym=q.sym, damp=q.damp, static_groups=static)
+    del model
+    stored = read_gptq_tensors(out_dir)
+    readback = max(float((dequantize_tensors(qt) - results[name].dequant.cpu()).abs().max())
+                   for name, qt in stored.items())
+    if readback != 0.0 or stored.keys() != results.keys():
+        raise StageError(f"the written checkpoint does not read back to the quantized weights (max diff {readback:g}): "
+                         f"check free disk and rerun with --force")
+    reloaded, _ = load_dequantized_model(out_dir, device=device)
+    nll_q = mean_nll(reloaded, held)
+    del reloaded
+    timings["write_check_s"] = round(time.perf_counter() - t, 3)
+
+    write_json_atomic(out_dir / "quant_report.json", report)
+    write_error_plot(report, out_dir / "quant_errors.png")
+    n_tokens = sum(int(ids.numel()) for ids in calib)
+    calib_info = {**source, "samples": len(calib), "requested_samples": q.calib_samples, "tokens": n_tokens,
+                  "max_tokens": q.calib_max_tokens,
+                  "longest": max(int(ids.numel()) for ids in calib)}
+    if len(calib) < q.calib_samples:
+        calib_info["note"] = f"the dataset has only {len(calib)} training items: calibrated on all of them"
+    metrics = {
+        "method": q.method, "bits": q.bits, "group_size": q.group_size, "act_order": q.act_order, "sym": q.sym,
+        "static_groups": static, "damp": q.damp, "device": device,
+        "calibration": calib_info,
+        "reconstruction": summarize(report),
+        "per_layer": "quant_report.json", "error_plot": "quant_errors.png",
+        "readback_max_abs_diff": readback,
+        "held_out": {"samples": len(held), "nll_fp32": round(nll_fp, 5), "nll_quantized": round(nll_q, 5),
+                     "ppl_fp32": round(math.exp(nll_fp), 4), "ppl_quantized": round(math.exp(nll_q), 4)},
+        "size_bytes": folder_size(out_dir),
+        "input_size_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")),
+    }
+    timings["stage_s"] = round(time.perf_counter() - t0, 3)
+    model_id = input_artifact.manifest.get("id", str(src))
+    return write_artifact(out_dir, "quantize", config.stage_config("quantize"), input_artifact, metrics,
+                          id=f"{model_id} (GPTQ {q.bits}-bit)" if q.method == "gptq" else f"{model_id} (RTN {q.bits}-bit)",
+                          kind="model", format="gptq", timings=timings)
