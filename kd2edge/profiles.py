@@ -8,7 +8,6 @@ is addressed by name (`laptop-cpu`) or by a path to a `.toml`/`.json` file.
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -112,6 +111,16 @@ class DeviceProfile:
         return []
 
 
+def _toml_loads(text: str) -> dict:
+    # tomllib is stdlib from Python 3.11; the Jetson image runs 3.10 and never reads TOML.
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        raise ProfileError("reading .toml profiles needs Python 3.11+: pass the profile as .json",
+                           source="profile") from None
+    return tomllib.loads(text)
+
+
 def profiles_dir() -> Path:
     """The folder of built-in profiles (the `profiles` package)."""
     import profiles  # the data package shipped beside kd2edge
@@ -143,7 +152,7 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
                                source="profile")
     try:
         raw = path.read_text(encoding="utf-8")
-        data = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw)
+        data = json.loads(raw) if path.suffix == ".json" else _toml_loads(raw)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ProfileError(f"cannot parse {path.name}: {e}", source="profile") from e
     data.setdefault("name", path.stem)
