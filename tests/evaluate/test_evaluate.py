@@ -132,3 +132,26 @@ def test_data_errors(tiny_llama_dir, tmp_path):
         ev.evaluate(str(tiny_llama_dir), str(bad), progress=False)
     with pytest.raises(DataError, match="mode"):
         ev.evaluate(str(tiny_llama_dir), "embedded", mode="sample", progress=False)
+
+
+def test_gptq_checkpoint_is_evaluated_dequantized(tmp_path, squad_file):
+    import torch
+
+    from kd2edge.export.testing import sharp_tiny_model
+    from kd2edge.quant.checkpoint import write_gptq_checkpoint
+    from kd2edge.quant.gptq import rtn_quantize_weight
+
+    model, tokenizer = sharp_tiny_model("llama")
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    results = {n: rtn_quantize_weight(model.get_submodule(n).weight, 4, 32, sym=False) for n in names}
+    write_gptq_checkpoint(model, tokenizer, results, tmp_path / "gptq", bits=4, group_size=32, desc_act=False,
+                          sym=False, dtype="float32")
+    assert ev.model_kind(str(tmp_path / "gptq")) == "gptq"
+    with torch.no_grad():  # the reference: the same quantized weights in memory
+        for name, r in results.items():
+            model.get_submodule(name).weight.copy_(r.dequant)
+    evalset = ev.prepare(str(squad_file), "validation", shots=0, limit=None, seed=0)
+    loaded = ev.run_items(ev.load_backend(str(tmp_path / "gptq")), evalset, 6, progress=False)
+    reference = ev.run_items(ev.TorchBackend(model, tokenizer), evalset, 6, progress=False)
+    assert [r["generation"] for r in loaded] == [r["generation"] for r in reference]
+    assert any(r["generation"].strip() for r in reference)   # the sharp model says something
