@@ -15,11 +15,11 @@ from kd2edge.cli_common import emit, info, json_option, table, warn
 @click.option("--split", default="validation", show_default=True)
 @click.option("--shots", type=click.IntRange(0, 1), default=1, show_default=True,
               help="0: zero-shot; 1: one example from the train split (never the item).")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most N items.")
+@click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True, help="At most N items (0: all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Picks the items and the examples.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=24, show_default=True)
 @click.option("--mode", type=click.Choice(["loglik", "generate"]), default="loglik", show_default=True,
-              help="Multiple choice: score each choice's log-likelihood, or generate the letter.")
+              help="Multiple choice: score each choice's log-likelihood, or generate an answer (letter or text).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Prompts per generation batch (PyTorch models).")
 @click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False), default=None,
@@ -30,8 +30,8 @@ def evaluate(model_path, data_spec, split, shots, limit, seed, max_new_tokens, m
     """Score QA accuracy: EM/F1 (SQuAD, MLQA), accuracy (CommonsenseQA), Rouge-L (Dolly)."""
     from kd2edge.evaluate.evaluator import evaluate as run_evaluation
 
-    info(f"evaluating {model_path} on {data_spec}:{split} ({shots}-shot, up to {limit} items)")
-    result = run_evaluation(model_path, data_spec, split=split, shots=shots, limit=limit, seed=seed,
+    info(f"evaluating {model_path} on {data_spec}:{split} ({shots}-shot, {f'up to {limit}' if limit else 'all'} items)")
+    result = run_evaluation(model_path, data_spec, split=split, shots=shots, limit=limit or None, seed=seed,
                             max_new_tokens=max_new_tokens, predictions_path=predictions_path,
                             progress=True, mode=mode, batch_size=batch_size)
     for w in result["warnings"]:

@@ -18,11 +18,12 @@ def test_cli_json(tiny_llama_dir, squad_file, tmp_path, capsys):
     assert len(preds.read_text().splitlines()) == 2
 
 
-def test_cli_summary_table(tiny_llama_dir, squad_file, capsys):
+def test_cli_summary_table_all_items(tiny_llama_dir, squad_file, capsys):
     assert main(["evaluate", "--model", str(tiny_llama_dir), "--data", str(squad_file), "--shots", "0",
-                 "--limit", "1", "--max-new-tokens", "2"]) == 0
+                 "--limit", "0", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
-    assert "items" in out and "f1" in out and "0-shot" in out
+    assert "0-shot" in out and "items  n  em" in out
+    assert out.splitlines()[-1].split()[:2] == ["all", "4"]   # --limit 0: every item
 
 
 def test_cli_errors_are_one_line(tmp_path, squad_file, capsys):
