@@ -1,6 +1,8 @@
 """`load_qa`: one entry point from a dataset spec to a `QADataset`.
 
-Specs (any of them may end in "@split", e.g. "squad@train"):
+Specs (any of them may end in "@split", e.g. "squad@train"; a split may take a slice as in
+`datasets`, "train[:80%]", "train[80%:]", "validation[:200]", which is how one local file, a
+single split, can give disjoint train and evaluation parts):
 - "embedded", "embedded-en", "embedded-es": the generated dataset (kd2edge.data.embedded).
 - a local file: SQuAD v1.1/v2.0 JSON; MLQA JSON (SQuAD layout, language taken from a name like
   dev-context-es-question-es.json, or given as "mlqa:PATH:es"); JSONL (or a JSON list) of
@@ -47,6 +49,7 @@ MLQA_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")
 _EMBEDDED_SPLIT_ALIASES = {"dev": "validation", "val": "validation", "valid": "validation"}
 _MLQA_NAME = re.compile(r"context-([a-z]{2})-question-([a-z]{2})")
 _SPLIT_SUFFIX = re.compile(r"[\w.\-\[\]:%+]+")
+_SPLIT_SLICE = re.compile(r"([\w.\-]+)(\[(-?\d+%?)?:(-?\d+%?)?\])?")
 _HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 _LANG = re.compile(r"[a-z]{2}")
 
@@ -56,7 +59,8 @@ def load_qa(spec: str, split: str = "validation", limit: int | None = None, seed
 
     Args:
         spec: "embedded[-en|-es]", a local file, "mlqa:PATH[:lang]" or a hub id; "SPEC@split" overrides `split`.
-        split: the split to load (for a local file, only a label: a file is one split).
+        split: the split to load, optionally sliced ("train[:80%]", "validation[-100:]"). For a local
+            file the name is only a label (a file is one split) but the slice applies.
         limit: keep at most this many items, a reproducible random subset (in file order).
         seed: the seed that picks the subset.
 
@@ -65,10 +69,16 @@ def load_qa(spec: str, split: str = "validation", limit: int | None = None, seed
 
     Raises:
         DataError: missing file, unreadable or truncated JSON, a record missing a field, an empty
-            split, a bad limit, or a hub id while the hub cannot be reached.
+            split, a malformed slice, a bad limit, or a hub id while the hub cannot be reached.
     """
     spec, split = _split_from_spec(spec.strip(), split)
-    dataset = _load(spec, split)
+    name, window = parse_split(split)
+    dataset = _load(spec, name)
+    if window is not None:
+        start, end = window
+        n = len(dataset.items)
+        dataset = QADataset(dataset.name, split, dataset.items[_bound(start, n):_bound(end, n)], dataset.task,
+                            dataset.warnings)
     if not dataset.items:
         raise DataError(f"{spec} ({split}) has no questions: give a non-empty file or another split")
     if limit is not None:
@@ -89,6 +99,29 @@ def subset(dataset: QADataset, limit: int, seed: int) -> QADataset:
     keep = sorted(random.Random(seed).sample(range(len(dataset.items)), limit))
     return QADataset(dataset.name, dataset.split, tuple(dataset.items[i] for i in keep), dataset.task,
                      dataset.warnings)
+
+
+def parse_split(split: str) -> tuple[str, tuple[str | None, str | None] | None]:
+    """'train[10:80%]' -> ('train', ('10', '80%')); 'train' -> ('train', None).
+
+    Raises:
+        DataError: a split that is not NAME or NAME[START:END] with integer or percent bounds.
+    """
+    m = _SPLIT_SLICE.fullmatch(split)
+    if m is None:
+        raise DataError(f"bad split {split!r}: write NAME or NAME[START:END], e.g. train, train[:80%], validation[:200]")
+    name, bracket, start, end = m.groups()
+    return name, ((start or None, end or None) if bracket else None)
+
+
+def _bound(bound: str | None, n: int) -> int | None:
+    """A slice bound as an index: '80%' -> round(0.8 n), '-10%' -> -round(0.1 n), '12' -> 12."""
+    if bound is None:
+        return None
+    if bound.endswith("%"):
+        pct = int(bound[:-1])
+        return (1 if pct >= 0 else -1) * round(n * abs(pct) / 100)
+    return int(bound)
 
 
 def locate_answer(context: str, text: str, start: int | None) -> tuple[int, str]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kd2edge.data.loaders import load_qa, locate_answer, subset
+from kd2edge.data.loaders import load_qa, locate_answer, parse_split, subset
 from kd2edge.errors import DataError
 
 CONTEXT = "Lake Orvel feeds the Tavena river. The river reaches Brimor in 1620."
@@ -260,3 +260,36 @@ def test_limit_is_reproducible_ordered_and_seed_dependent():
 def test_limit_below_one():
     with pytest.raises(DataError, match="limit must be at least 1"):
         subset(load_qa("embedded"), 0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- split slices
+
+@pytest.mark.parametrize("split, expected", [
+    ("train", ("train", None)), ("train[:80%]", ("train", (None, "80%"))),
+    ("validation[10:-5]", ("validation", ("10", "-5"))), ("test[-10%:]", ("test", ("-10%", None)))])
+def test_parse_split(split, expected):
+    assert parse_split(split) == expected
+
+
+def test_slices_of_one_file_are_disjoint_and_cover_it(tmp_path):
+    records = [{"question": f"Q{i}?", "context": f"Answer {i}.", "answers": [str(i)]} for i in range(10)]
+    path = write_jsonl(tmp_path / "qa.jsonl", records)
+    train = load_qa(f"{path}@train[:80%]")
+    held_out = load_qa(str(path), split="validation[80%:]")
+    assert [it.question for it in train.items] == [f"Q{i}?" for i in range(8)]
+    assert [it.question for it in held_out.items] == ["Q8?", "Q9?"]
+    assert (train.split, held_out.split) == ("train[:80%]", "validation[80%:]")
+    assert [it.question for it in load_qa(str(path), split="x[-3:-1]").items] == ["Q7?", "Q8?"]
+
+
+def test_embedded_slice_then_limit():
+    head = load_qa("embedded@validation[:30]")
+    assert head.items == load_qa("embedded").items[:30]
+    assert len(load_qa("embedded@validation[:30]", limit=5)) == 5
+
+
+def test_bad_slice():
+    with pytest.raises(DataError, match=r"bad split 'train\[a:b\]': write NAME or NAME\[START:END\]"):
+        load_qa("embedded@train[a:b]")
+    with pytest.raises(DataError, match=r"embedded \(train\[5:5\]\) has no questions"):
+        load_qa("embedded@train[5:5]")
