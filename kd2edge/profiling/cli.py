@@ -47,19 +47,25 @@ def profile(artifact, profile, config_file, out, no_gate, allow_fallback, no_bas
 
 
 def _summary(r: dict) -> str:
+    from kd2edge.report_html import fmt
+
     lat = r["latency"]
     host = lat["host"]
+    tl = lat.get("token_latency_ms") or {}
     lines = [f"host: {host['cpu_model']}, {host['cores_usable']} cores, {host['arch']}, onnxruntime "
-             f"{host['onnxruntime']} on {', '.join(lat['providers'])}{' (FALLBACK)' if lat['fallback'] else ''}",
-             f"load {lat['load_s']:.2f} s, size {lat['size_bytes'] / 2**20:.1f} MiB, peak RSS {lat['peak_rss_mb']:.0f} MiB",
-             f"TTFT p50 by prompt length: " + ", ".join(f"{n}: {v['p50']:.1f} ms" for n, v in lat["ttft_ms_by_prompt"].items()),
-             f"decode {lat['decode_tokens_per_s']:.1f} tokens/s (spread {lat['decode_tokens_per_s_spread']:.1f}), "
-             f"per-token ms p50/p90/p99 {lat['token_latency_ms']['p50']:.2f}/{lat['token_latency_ms']['p90']:.2f}/"
-             f"{lat['token_latency_ms']['p99']:.2f} at {lat['ttft_prompt_tokens']} prompt tokens"]
+             f"{host['onnxruntime']} on {', '.join(lat['providers'])}{' (CPU FALLBACK)' if lat['fallback'] else ''}",
+             f"load {fmt(lat['load_s'], 2)} s, size {fmt(lat['size_bytes'] / 2**20, 1)} MiB, "
+             f"peak RSS {fmt(lat['peak_rss_mb'], 0)} MiB",
+             "TTFT p50 by prompt length: " + ", ".join(f"{n}: {fmt(v['p50'], 1)} ms"
+                                                     for n, v in lat["ttft_ms_by_prompt"].items()),
+             f"decode {fmt(lat['decode_tokens_per_s'], 1)} tokens/s (spread {fmt(lat['decode_tokens_per_s_spread'], 1)}), "
+             f"per-token ms p50/p90/p99 {fmt(tl.get('p50'), 2)}/{fmt(tl.get('p90'), 2)}/{fmt(tl.get('p99'), 2)} "
+             f"at {lat['ttft_prompt_tokens']} prompt tokens"]
     base = r.get("baseline_teacher") or {}
     if base.get("status") == "done":
-        lines.append(f"teacher (PyTorch fp32): TTFT p50 {base['ttft_ms_p50']:.1f} ms at {base['prompt_tokens']} "
-                     f"tokens, decode {base['decode_tokens_per_s']:.1f} tokens/s, peak RSS {base['peak_rss_mb']:.0f} MiB")
+        lines.append(f"teacher (PyTorch fp32): TTFT p50 {fmt(base['ttft_ms_p50'], 1)} ms at {base['prompt_tokens']} "
+                     f"tokens, decode {fmt(base['decode_tokens_per_s'], 1)} tokens/s, "
+                     f"peak RSS {fmt(base['peak_rss_mb'], 0)} MiB")
     elif base:
         lines.append(f"teacher baseline: {base['status']} ({base.get('reason', '')})")
     rows = [[k, v["limit"], v["value"], {True: "pass", False: "FAIL", None: "-"}[v["pass"]]]

@@ -1,6 +1,7 @@
 """The machine a profile actually ran on, and how it differs from the device profile.
 
-Imports only the standard library, psutil and (lazily) onnxruntime, like the runtime.
+Imports only the standard library and (lazily) onnxruntime, like the runtime; psutil is
+used where installed, with Linux's /proc as the fallback on minimal device images.
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ def host_info() -> dict:
          os, python, onnxruntime, providers_available, jetson}.
     """
     import onnxruntime
-    import psutil
 
     device_model = _read("/proc/device-tree/model").strip("\x00\n ")
     try:
@@ -68,9 +68,9 @@ def host_info() -> dict:
         "cpu_model": cpu_model(_read("/proc/cpuinfo"), device_model) or platform.processor() or "unknown",
         "device_model": device_model or None,
         "cores_logical": os.cpu_count(),
-        "cores_physical": psutil.cpu_count(logical=False),
+        "cores_physical": _physical_cores(),
         "cores_usable": usable,
-        "memory_bytes": psutil.virtual_memory().total,
+        "memory_bytes": _total_memory(),
         "os": platform.platform(),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
@@ -113,10 +113,29 @@ def peak_rss_bytes() -> int:
 
 
 def current_rss_bytes() -> int:
-    """The resident set size of this process now."""
-    import psutil
-
+    """The resident set size of this process now (psutil, else /proc/self/statm)."""
+    try:
+        import psutil
+    except ImportError:  # a minimal device image: Linux's own count
+        resident_pages = int(_read("/proc/self/statm").split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
     return psutil.Process().memory_info().rss
+
+
+def _physical_cores() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.cpu_count(logical=False)
+
+
+def _total_memory() -> int:
+    try:
+        import psutil
+    except ImportError:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return psutil.virtual_memory().total
 
 
 _TEGRA_RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")

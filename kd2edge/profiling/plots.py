@@ -14,33 +14,39 @@ def _pyplot():
     return plt
 
 
-def plot_token_latency(latencies_ms: dict[str, list[float]], path: Path) -> Path:
+def plot_token_latency(latencies_ms: dict[str, list[float]], path: Path) -> Path | None:
     """Histogram and empirical CDF of per-token decode latency, one series per prompt length.
 
     Args:
         latencies_ms: prompt length (as text) -> every decode step's latency in ms (repeats pooled).
         path: the PNG to write.
+
+    Returns:
+        `path`, or None when there is no decode step to plot (one new token per run).
     """
+    pooled = [v for values in latencies_ms.values() for v in values if v > 0]
+    if not pooled:
+        return None
     plt = _pyplot()
     fig, (hist, cdf) = plt.subplots(1, 2, figsize=(10, 3.8))
-    from kd2edge.profiling.stats import percentile
-
-    pooled = [v for values in latencies_ms.values() for v in values]
-    # A few slow outlier steps would squeeze the histogram into one bar: clip it at the p99
-    # (the CDF beside it keeps every step).
-    clip = percentile(pooled, 99) if pooled else None
+    # Decode latency is heavy-tailed (a few steps lose the CPU to the scheduler): on a linear
+    # axis those would squeeze the bulk into one bar, so both panels use a log axis.
+    lo, hi = min(pooled), max(pooled)
+    hi = hi if hi > lo else lo * 1.01
+    bins = [lo * (hi / lo) ** (i / 40) for i in range(41)]
     for length, values in latencies_ms.items():
         if not values:
             continue
-        hist.hist(values, bins=40, range=(min(pooled), clip), alpha=0.55, label=f"{length}-token prompt")
+        hist.hist(values, bins=bins, alpha=0.55, label=f"{length}-token prompt")
         ordered = sorted(values)
         n = len(ordered)
         cdf.step(ordered, [(i + 1) / n for i in range(n)], where="post", label=f"{length}-token prompt")
+    hist.set(title="Per-token decode latency", xlabel="ms per token (log scale)", ylabel="tokens", xscale="log")
+    cdf.set(title="Cumulative distribution", xlabel="ms per token (log scale)", ylabel="fraction of tokens",
+            ylim=(0, 1.02), xscale="log")
     for q, style in ((0.5, ":"), (0.9, "--"), (0.99, "-.")):
         cdf.axhline(q, color="grey", linestyle=style, linewidth=0.8)
         cdf.text(cdf.get_xlim()[1], q, f" p{int(q * 100)}", va="center", fontsize=8, color="grey")
-    hist.set(title="Per-token decode latency (to p99)", xlabel="ms per token", ylabel="tokens")
-    cdf.set(title="Cumulative distribution", xlabel="ms per token", ylabel="fraction of tokens", ylim=(0, 1.02))
     hist.legend(fontsize=8)
     cdf.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -12,6 +12,7 @@ are used (`Generation.ttft_s`, `.token_latencies_s`, and the wall time around
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -189,9 +190,7 @@ def measure(request: ProfileRequest) -> dict:
     info = hostmod.host_info()
     rss_before = hostmod.current_rss_bytes()
     monitor = hostmod.SharedMemoryMonitor() if (request.shared_memory or info["jetson"]) else None
-    if monitor is not None:
-        monitor.__enter__()
-    try:
+    with monitor if monitor is not None else contextlib.nullcontext():
         started = time.perf_counter()
         lm = OnnxLM.load(request.artifact, providers=list(request.providers), threads=request.threads,
                          allow_fallback=request.allow_fallback)
@@ -209,9 +208,6 @@ def measure(request: ProfileRequest) -> dict:
             runs[n] = time_runs(generate, prompt_ids(lm.encode, n), request.new_tokens, request.warmup,
                                 request.repeats, tick=lambda: bar.update(1))
         bar.close()
-    finally:
-        if monitor is not None:
-            monitor.__exit__(None, None, None)
     by_length = {n: summarize_length(r) for n, r in runs.items()}
     return {
         "request": asdict(request),
@@ -234,9 +230,24 @@ def measure(request: ProfileRequest) -> dict:
     }
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
+class _NoBar:
+    """Stands in for tqdm where it is not installed (a minimal device image)."""
 
+    def set_description(self, text: str) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
     return tqdm(total=total, unit="run", file=sys.stderr, disable=not enabled, leave=False)
 
 

@@ -7,6 +7,7 @@ The stage only records verdicts (the pipeline gates once the report is written);
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 from kd2edge.artifacts import MANIFEST, Artifact, atomic_dir, write_artifact, write_json_atomic
@@ -39,11 +40,15 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
         allow_fallback=config.profiling.allow_fallback, shared_memory=profile.hardware.shared_memory,
         seed=config.seed)
     with tempfile.TemporaryDirectory(prefix="kd2edge-profile-") as tmp:
+        started = time.perf_counter()
         result = measure_isolated(request, Path(tmp))
         checks = check_result(result, request.new_tokens)
+        timings = {"measure_s": round(time.perf_counter() - started, 3)}
+        started = time.perf_counter()
         baseline = (teacher_baseline(input_artifact, min(request.prompt_lengths),
                                      min(BASELINE_TOKENS, request.new_tokens), request.threads, Path(tmp))
                     if config.profiling.baseline_teacher else {"status": "skipped", "reason": "baseline_teacher = false"})
+        timings["baseline_s"] = round(time.perf_counter() - started, 3)
     warnings = host_mismatches(result["host"], profile.hardware.arch, profile.runtime.execution_providers,
                                profile.runtime.threads) + list(result["notes"])
     peak_mb, peak_as = peak_memory_mb(result)
@@ -64,7 +69,7 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     return write_artifact(out_dir, "profile", config.stage_config("profile"), input_artifact,
                           metrics={"latency": latency, "budgets": verdicts, "baseline_teacher": baseline,
                                    "checks": checks},
-                          warnings=warnings, files=[PROFILE_JSON, *files])
+                          warnings=warnings, files=[PROFILE_JSON, *files], timings=timings)
 
 
 def check_result(result: dict, new_tokens: int) -> dict:
@@ -112,9 +117,9 @@ def write_plots(result: dict, out_dir: Path, budget_ms: float) -> list[str]:
     from kd2edge.profiling.plots import plot_token_latency, plot_ttft
 
     latencies = {n: [t * 1000 for r in runs for t in r["token_latencies_s"]] for n, runs in result["runs"].items()}
-    plot_token_latency(latencies, out_dir / LATENCY_PNG)
-    plot_ttft(result["latency"]["ttft_ms_by_prompt"], out_dir / TTFT_PNG, budget_ms)
-    return [LATENCY_PNG, TTFT_PNG]
+    drawn = [plot_token_latency(latencies, out_dir / LATENCY_PNG),
+             plot_ttft(result["latency"]["ttft_ms_by_prompt"], out_dir / TTFT_PNG, budget_ms)]
+    return [p.name for p in drawn if p is not None]
 
 
 def teacher_baseline(artifact: Artifact, prompt_length: int, new_tokens: int, threads: int, work: Path) -> dict:

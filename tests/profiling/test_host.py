@@ -62,3 +62,15 @@ def test_meminfo_used():
 
 def test_peak_rss_is_at_least_the_current_rss():
     assert peak_rss_bytes() >= current_rss_bytes() * 0.95 > 0
+
+
+def test_profiling_code_does_not_import_torch():
+    """The device image runs `kd2edge profile` without torch/transformers: its import path must not need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import kd2edge.profiling.cli, kd2edge.profiling.stage, kd2edge.profiling.profiler, "
+            "kd2edge.profiling.baseline, kd2edge.report_html; "
+            "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
