@@ -32,7 +32,7 @@ class Hardware:
 @dataclass(frozen=True)
 class Runtime:
     execution_providers: tuple[str, ...]
-    threads: int = field(metadata=rule(min=1, max=1024))
+    threads: int = field(metadata=rule(min=0, max=1024, help="intra-op threads; 0 = one per core of the host"))
     exporter: Literal["onnx", "onnx-genai"] = "onnx"
     context_length: int = field(default=2048, metadata=rule(min=64, max=1_048_576))
 

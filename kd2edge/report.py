@@ -54,6 +54,8 @@ def build_report(config: RunConfig, artifacts: dict[str, Artifact | None], resul
         report["artifact"] = _absent(results.get("export"), "export")
     profile_m = metrics.get("profile")
     report["latency"] = profile_m["latency"] if profile_m else _absent(results.get("profile"), "profile")
+    report["baseline_teacher"] = profile_m.get("baseline_teacher") if profile_m else None
+    report["profile_warnings"] = artifacts["profile"].manifest.get("warnings", []) if profile_m else []
     evaluate_m = metrics.get("evaluate")
     report["quality"] = evaluate_m["quality"] if evaluate_m else _absent(results.get("evaluate"), "evaluate")
     package_m = metrics.get("package")

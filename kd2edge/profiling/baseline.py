@@ -50,7 +50,8 @@ def measure_teacher(model_dir: str, prompt_length: int, new_tokens: int, threads
     from kd2edge.models import count_params, load_causal_lm
 
     torch.manual_seed(0)
-    torch.set_num_threads(threads)
+    if threads > 0:  # 0: the profile leaves the thread count to the host (one per core)
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(model_dir)
     load_s = time.perf_counter() - started
