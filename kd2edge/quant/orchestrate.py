@@ -80,6 +80,25 @@ def check_model(model, bits: int, group_size: int) -> None:
             check_packable(lin.in_features, bits, f"{prefix}.{i}.{name} in_features")
 
 
+def fitting_group_size(model, group_size: int) -> int:
+    """The largest power of two <= `group_size` (and >= 16) that divides every quantized Linear's inputs.
+
+    Profiles ask for 128, but e.g. SmolLM2-135M has 576 = 4.5 * 128 input features; the
+    stage then uses 64 and records it. Returns `group_size` itself when it fits (or is -1),
+    and -1 (per channel) when no power of two >= 16 fits.
+    """
+    if group_size == -1:
+        return -1
+    _, layers = find_decoder_layers(model)
+    widths = {lin.in_features for layer in layers for lin in quantizable_linears(layer).values()}
+    g = group_size
+    while g >= 16:
+        if all(w % g == 0 for w in widths):
+            return g
+        g //= 2
+    return -1
+
+
 def _capture_first_layer_inputs(model, layers, calib_ids: list[torch.Tensor], device) -> list[_LayerCall]:
     """Run the model on each sample until the first decoder layer; keep what that layer receives."""
     calls: list[_LayerCall] = []

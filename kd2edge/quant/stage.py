@@ -104,7 +104,8 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     from kd2edge.artifacts import write_json_atomic
     from kd2edge.models import load_causal_lm
     from kd2edge.quant.checkpoint import dequantize_tensors, load_dequantized_model, read_gptq_tensors, write_gptq_checkpoint
-    from kd2edge.quant.orchestrate import quantize_model, summarize
+    from kd2edge.cli_common import warn
+    from kd2edge.quant.orchestrate import fitting_group_size, quantize_model, summarize
     from kd2edge.resources import folder_size
 
     q = config.quantize
@@ -124,13 +125,16 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
 
     t = time.perf_counter()
     static = bool(q.static_groups and q.act_order)
-    results, report = quantize_model(model, calib, bits=q.bits, group_size=q.group_size, act_order=q.act_order,
+    group_size = fitting_group_size(model, q.group_size)
+    if group_size != q.group_size:
+        warn(f"group size {q.group_size} does not divide this model's layer widths: using {group_size}")
+    results, report = quantize_model(model, calib, bits=q.bits, group_size=group_size, act_order=q.act_order,
                                      sym=q.sym, damp=q.damp, block_size=q.block_size, method=q.method,
                                      device=device, static_groups=static)
     timings["quantize_s"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
-    write_gptq_checkpoint(model, tokenizer, results, out_dir, bits=q.bits, group_size=q.group_size,
+    write_gptq_checkpoint(model, tokenizer, results, out_dir, bits=q.bits, group_size=group_size,
                           desc_act=bool(q.act_order and not static), sym=q.sym, damp=q.damp, static_groups=static)
     del model
     stored = read_gptq_tensors(out_dir)
@@ -153,7 +157,8 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     if len(calib) < q.calib_samples:
         calib_info["note"] = f"the dataset has only {len(calib)} training items: calibrated on all of them"
     metrics = {
-        "method": q.method, "bits": q.bits, "group_size": q.group_size, "act_order": q.act_order, "sym": q.sym,
+        "method": q.method, "bits": q.bits, "group_size": group_size, "group_size_requested": q.group_size,
+        "act_order": q.act_order, "sym": q.sym,
         "static_groups": static, "damp": q.damp, "device": device,
         "calibration": calib_info,
         "reconstruction": summarize(report),

@@ -40,7 +40,6 @@ def test_quantize_command_writes_a_checked_checkpoint(tiny_llama_dir, tmp_path, 
 
 @pytest.mark.parametrize("flags,code,message", [
     (["--bits", "5"], 2, "bits"),
-    (["--group-size", "128"], 2, "does not divide"),
     (["--group-size", "48"], 2, "power of two"),
     (["--data", "{data}", "--group-size", "32"], 3, "calibration tokens"),
 ])
@@ -52,3 +51,13 @@ def test_quantize_bad_input(tiny_llama_dir, tmp_path, capsys, flags, code, messa
     assert main(["quantize", str(tiny_llama_dir), "--out", str(out), *flags]) == code
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_group_size_is_fitted_to_the_model():
+    from kd2edge.quant.orchestrate import fitting_group_size
+    from kd2edge.testing import tiny_model
+
+    model, _ = tiny_model("llama")                             # in_features 64 and 128
+    assert fitting_group_size(model, 128) == 64
+    assert fitting_group_size(model, 32) == 32
+    assert fitting_group_size(model, -1) == -1
