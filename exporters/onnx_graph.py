@@ -25,15 +25,17 @@ def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 def replace_initializer(model: onnx.ModelProto, array: np.ndarray, name: str) -> str:
     """Add (or overwrite) initializer `name` with `array`; returns the name."""
-    drop_initializers(model, {name})
+    if any(t.name == name for t in model.graph.initializer):
+        drop_initializers(model, {name})
     model.graph.initializer.append(numpy_helper.from_array(array, name))
     return name
 
 
 def drop_initializers(model: onnx.ModelProto, names: set[str]) -> None:
-    kept = [t for t in model.graph.initializer if t.name not in names]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    # Delete in place, last first: rebuilding the list would deep-copy every tensor (GBs for a real model).
+    tensors = model.graph.initializer
+    for index in reversed([i for i, t in enumerate(tensors) if t.name in names]):
+        del tensors[index]
 
 
 def drop_dead_nodes(model: onnx.ModelProto) -> int:
