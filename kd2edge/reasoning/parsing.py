@@ -8,7 +8,8 @@ inside the rationale, or wrap a choice letter as "(B)", "B.", "B) bank". The rul
 - the answer follows the *last* answer label (a label starts a line or follows
   sentence punctuation); it is the first non-empty line after it, with markdown,
   quotes and a trailing full stop removed;
-- without an answer label, "the answer is X" (last one) is accepted, flagged as such;
+- without an answer label, "the answer is X" or 'the answer to the question "..." is X'
+  (last one) is accepted, flagged as such; X is a quoted string or runs to the sentence end;
 - the rationale is the text between the rationale label (if any) and that answer
   label; without a rationale label, everything before the answer label.
 """
@@ -26,7 +27,11 @@ _ANSWER_LABEL = re.compile(_LABEL_PREFIX + r"(?:final[ \t]+answer|answer|respues
                            re.IGNORECASE | re.MULTILINE)
 _RATIONALE_LABEL = re.compile(_LABEL_PREFIX + r"(?:rationale|reasoning|explanation|reason|thoughts?|razonamiento)"
                               + _LABEL_SUFFIX, re.IGNORECASE | re.MULTILINE)
-_ANSWER_IS = re.compile(r"\b(?:the\s+)?(?:correct\s+|final\s+)?answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
+# "the answer is X", "the correct answer is: X", 'the answer to the question "..." is "X"'.
+_ANSWER_IS = re.compile(r"\b(?:the\s+)?(?:correct\s+|final\s+)?answer"
+                        r"(?:\s+to\s+the\s+question\s*(?:\"[^\"\n]*\"|[^\n]*?))?\s+is\s*:?\s*(.+)", re.IGNORECASE)
+_QUOTED = re.compile(r"^[\"“']([^\"”'\n]+)[\"”']")
+_SENTENCE_END = re.compile(r"(?<=\w)[.;](?:\s|$)")
 _STRIP = " \t\r\n*_`\"'“”‘’"
 MIN_RATIONALE_WORDS = 3
 
@@ -59,6 +64,17 @@ def clean_answer(text: str) -> str:
     return ""
 
 
+def sentence_answer(text: str) -> str | None:
+    """The answer in the rest of an "answer is ..." sentence: a quoted string, else up to the sentence end."""
+    text = text.strip()
+    quoted = _QUOTED.match(text)
+    if quoted:
+        return quoted.group(1).strip() or None
+    line = clean_answer(text)
+    end = _SENTENCE_END.search(line)
+    return (line[:end.start()] if end else line).strip(_STRIP) or None
+
+
 def parse_rationale_answer(text: str) -> ParsedOutput:
     """Split a model output into its rationale and its final answer.
 
@@ -77,8 +93,7 @@ def parse_rationale_answer(text: str) -> ParsedOutput:
         end, labelled = last.start(), True
     else:
         found = list(_ANSWER_IS.finditer(text))
-        answer = clean_answer(found[-1].group(1)) if found else None
-        answer = answer or None
+        answer = sentence_answer(found[-1].group(1)) if found else None
         end, labelled = (found[-1].start() if found else len(text)), False
     before = [m for m in rationale_labels if m.end() <= end]
     start = before[0].end() if before else 0

@@ -30,6 +30,11 @@ FREE = QAItem(id="ft", question="Describe it.", answers=("the cat on the mat",),
      "my answer is unclear at first. Answer: Paris.", "Lyon", True),
     ("Answer:\n\n  Adaline Qorr.\n", "", "Adaline Qorr", True),
     ("It is on the river, so the answer is B.", "It is on the river, so", "B", False),
+    # Real SmolLM2-135M outputs: the question restated, the answer quoted or ending its sentence.
+    ('Rationale: The answer to the question "How many people does Trenkora employ?" is "994"', "", "994", False),
+    ("It ends here.\nExplanation: The answer is 6600 visitantes. The explanation is short.", "", "6600 visitantes",
+     False),
+    ('The answer to the question "In what year was it first climbed?" is 1760.', "", "1760", False),
     ("no format at all", "no format at all", None, False),
     ("Rationale: something\nAnswer:", "something", None, True),
 ])

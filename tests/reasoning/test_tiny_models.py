@@ -132,3 +132,13 @@ def test_evaluate_with_rationales(tiny_llama_dir):
     assert result["rationale"]["accuracy"] == correct / 2
     with pytest.raises(DataError, match="multiple-choice items"):
         evaluate_with_rationales(tiny_llama_dir, CORPUS_ITEMS[:1])
+
+
+def test_grpo_cli_rejects_bad_reward_weights(tiny_llama_dir, tmp_path):
+    from kd2edge.errors import ConfigError
+    from kd2edge.reasoning.cli import grpo
+
+    with pytest.raises(ConfigError, match="--rewards: unknown reward 'speed'"):
+        CliRunner().invoke(grpo, ["--model", str(tiny_llama_dir), "--out", str(tmp_path / "g"),
+                                  "--rewards", "speed=1"], catch_exceptions=False)
+    assert not (tmp_path / "g").exists()
