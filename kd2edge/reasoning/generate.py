@@ -39,6 +39,20 @@ _META_WORDS = ("critique", "draft", "the student")
 
 FORMAT_INSTRUCTION = ("First explain your reasoning in one or two sentences, then give the answer. "
                       "Use exactly this format:\nRationale: <your reasoning>\nAnswer: <{what}>")
+# One invented worked example per task, shown after the instruction: a 135M teacher follows
+# a demonstrated format far more often than a described one.
+DEMONSTRATIONS = {
+    "extractive": ("Context: The Orlan Bridge was opened in 1902 by the engineer Mira Castel.\n"
+                   "Question: Who opened the Orlan Bridge?\n"
+                   "Rationale: The context says the bridge was opened by the engineer Mira Castel.\n"
+                   "Answer: Mira Castel"),
+    "multiple_choice": ("Question: Where would you keep milk cold?\nChoices:\nA. oven\nB. refrigerator\nC. cupboard\n"
+                        "Rationale: Milk must stay cold, and a refrigerator is the appliance that keeps food cold.\n"
+                        "Answer: B"),
+    "free_text": ("Question: Name a use of salt.\n"
+                  "Rationale: Salt adds flavour to food and keeps it from spoiling.\n"
+                  "Answer: Salt is used to season food and to preserve it."),
+}
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -70,9 +84,15 @@ def gold_text(item: QAItem) -> str:
     return item.gold[0]
 
 
+def format_request(item: QAItem) -> str:
+    """The format instruction with the task's worked example."""
+    return (FORMAT_INSTRUCTION.format(what=answer_kind(item)) + "\n\nExample:\n" + DEMONSTRATIONS[item.task]
+            + "\n\nNow your question:")
+
+
 def rationale_prompt(item: QAItem) -> str:
-    """The user message asking for "Rationale: ... Answer: ..."."""
-    return f"{task_block(item)}\n\n" + FORMAT_INSTRUCTION.format(what=answer_kind(item))
+    """The user message asking for "Rationale: ... Answer: ...": instruction, example, question."""
+    return f"{format_request(item)}\n{task_block(item)}"
 
 
 def critique_prompt(item: QAItem, draft: str) -> str:
@@ -84,10 +104,9 @@ def critique_prompt(item: QAItem, draft: str) -> str:
 
 def revision_prompt(item: QAItem, draft: str, critique: str) -> str:
     """The user message asking for a revised rationale that fixes what the critique found."""
-    return (f"{task_block(item)}\n\nDraft:\n{draft.strip()}\n\nCritique:\n{critique.strip()}\n\n"
-            "Rewrite the draft so that its reasoning is correct and reaches the correct answer, explaining it "
-            "from the question itself (do not mention the draft or the critique). "
-            + FORMAT_INSTRUCTION.format(what=answer_kind(item)))
+    return ("Rewrite the draft below so that its reasoning is correct and reaches the correct answer, explaining "
+            "it from the question itself (do not mention the draft or the critique). " + format_request(item)
+            + f"\n{task_block(item)}\n\nDraft:\n{draft.strip()}\n\nCritique:\n{critique.strip()}")
 
 
 def student_prompt(item: QAItem) -> str:
