@@ -110,23 +110,42 @@ def teacher_rows(cache: list, indices: list[int], device):
 
 
 def student_answer_logits(model, batch: dict, vocab_size: int):
-    """Student logits at the answer positions only.
+    """Logits of a causal LM at the answer positions only.
 
     Args:
-        model: a transformers causal LM (unwrapped or wrapped by accelerate).
+        model: a transformers causal LM.
         batch: input_ids, attention_mask, labels, each [B, L].
         vocab_size: real vocabulary (len(tokenizer)); padded embedding rows are sliced off.
 
     Returns:
         (logits [N, V], labels [N]) with N the answer tokens in the batch.
     """
-    core = getattr(model, "module", model)
-    hidden = core.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             use_cache=False).last_hidden_state                       # [B, L, H]
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).last_hidden_state                      # [B, L, H]
     keep = batch["labels"] != IGNORE_INDEX                                             # [B, L]
     selected = hidden[keep]                                                            # [N, H], row-major
-    logits = core.get_output_embeddings()(selected)[:, :vocab_size]                    # [N, V]
+    logits = model.get_output_embeddings()(selected)[:, :vocab_size]                   # [N, V]
     return logits, batch["labels"][keep]
+
+
+def answer_logits_module(model, vocab_size: int):
+    """`model` wrapped so that its forward is `student_answer_logits`.
+
+    accelerate (DDP under `accelerate launch`) wraps this module, so gradient
+    synchronisation sees a normal forward call while the prompt's logits are still never built.
+    """
+    import torch
+
+    class AnswerLogits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = model
+
+        def forward(self, input_ids, attention_mask, labels):
+            return student_answer_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                                   "labels": labels}, vocab_size)
+
+    return AnswerLogits()
 
 
 def resolve_mixed_precision(requested: str) -> str:
@@ -222,7 +241,7 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list, *, v
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_step, history = state["step"], state["history"]
-    model, optimizer = accelerator.prepare(model, optimizer)
+    wrapped, optimizer = accelerator.prepare(answer_logits_module(model, vocab_size), optimizer)
     result = TrainResult(history=history, resumed_from=start_step, mixed_precision=precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     started = time.perf_counter()
@@ -235,7 +254,7 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list, *, v
             idx = micro_batch_indices(len(examples), batch_size, micro, seed)
             batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             with accelerator.autocast():
-                logits, labels = student_answer_logits(model, batch, vocab_size)
+                logits, labels = wrapped(**batch)
             teacher = teacher_rows(teacher_cache, idx, accelerator.device)
             parts = kd_loss(logits.float(), teacher, labels, kd_ratio=kd_ratio, loss=loss,
                             temperature=temperature, beta=beta)
@@ -244,7 +263,7 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list, *, v
                 totals[k] += v.item() / grad_accum
             result.tokens += int(batch["attention_mask"].sum())
             result.answer_tokens += int(labels.numel())
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+        grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), max_grad_norm) if max_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -254,12 +273,11 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list, *, v
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", kd=f"{row['kd']:.3f}")
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps and accelerator.is_main_process:
-            save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, step + 1, history)
+            save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, history)
         if on_step is not None:
             on_step(step + 1, row)
     bar.close()
     result.seconds = time.perf_counter() - started
-    model = accelerator.unwrap_model(model)
     model.eval()
     model.config.use_cache = True
     return result
