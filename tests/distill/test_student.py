@@ -99,3 +99,20 @@ def test_size_kv_and_plan_choice_by_hand():
     # A decode-speed floor no candidate reaches.
     with pytest.raises(BudgetError, match="no student fits"):
         choose(candidates(b, max_param_fraction=0.99, **{**common, "min_decode_tokens_per_s": 1e12}))
+
+
+@pytest.mark.slow
+def test_plan_for_the_embedded_teacher_picks_fourteen_layers():
+    import json
+
+    from click.testing import CliRunner
+
+    from kd2edge.distill.cli import plan
+
+    result = CliRunner().invoke(plan, ["--teacher", "embedded", "--profile", "laptop-cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["teacher"] == {"params": 134_515_008, "layers": 30}
+    # 28.3M embedding + 14 x 3.54M layers = 77.9M, the largest under 0.6 x 134.5M = 80.7M.
+    assert data["choice"]["layers"] == 14 and data["choice"]["params"] == 77_873_472
+    assert [c["layers"] for c in data["candidates"] if not c["fails"]] == list(range(1, 15))
