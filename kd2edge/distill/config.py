@@ -13,7 +13,7 @@ class DistillConfig:
     student: str | None = None  # None: `plan` picks a layer-pruned student for the profile
     student_layers: int | None = field(default=None, metadata=rule(min=1, help="decoder layers to keep"))
     max_param_fraction: float = field(default=0.6, metadata=rule(min=0.01, max=0.99, help="a planned student holds at most this share of the teacher's parameters"))
-    loss: Literal["forward_kl", "reverse_kl", "jsd", "none"] = "forward_kl"
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "none"] = "forward_kl"  # "none": CE on the targets only
     temperature: float = field(default=1.0, metadata=rule(min=0.05, max=20))
     kd_ratio: float = field(default=0.5, metadata=rule(min=0, max=1, help="weight of the KD loss; 1-kd_ratio goes to CE on the gold answer"))
     jsd_beta: float = field(default=0.5, metadata=rule(min=0, max=1))
@@ -37,6 +37,4 @@ class DistillConfig:
         if self.loss == "jsd" and not 0.0 < self.jsd_beta < 1.0:
             out.append(f"jsd_beta: {self.jsd_beta} must lie strictly between 0 and 1 for loss 'jsd' "
                        "(beta 0 or 1 is forward_kl or reverse_kl)")
-        if self.loss == "none" and self.kd_ratio > 0 and not self.sequence_kd:
-            out.append("loss: 'none' trains on the gold answers only; set kd_ratio = 0 too (or pick a divergence)")
         return out

@@ -12,15 +12,20 @@ position (`TopK(values [..., k], indices [..., k])`), which is what the distilla
 cache stores. With top-k the comparison is made on the k tokens only:
 
 * the teacher is renormalized over its k tokens: P_k = softmax(values / T);
-* the student's log-probabilities are taken at those k indices against its *full*
-  log-normalizer: log Q_k = (z[idx] - logsumexp(z)) / ... (i.e. log_softmax over V, gathered).
+* for forward KL the student's log-probabilities are taken at those k indices against its
+  *full* log-normalizer (log_softmax over V, gathered), so the student is not renormalized
+  and KL(P_k || Q) = -H(P_k) - sum_k P_k log Q_k still pushes the student to move its mass
+  onto the teacher's k tokens (mass it keeps elsewhere lowers every Q_k);
+* for reverse KL and JSD the student is renormalized over the same k tokens too: both
+  divergences need two proper distributions (with an unnormalized student, sum Q log(Q/P)
+  goes negative and rewards the student for leaving the teacher's top-k), so they compare
+  the two distributions *conditioned on the teacher's top-k set*.
 
-So the student is not renormalized: its mass outside the teacher's top-k is simply
-not scored. This is an approximation of the full-vocabulary divergence that is exact
-when k = V and close whenever the teacher's top-k holds almost all of its mass (the
-tail it drops is, by construction, the teacher's least likely tokens). For forward
-KL the only error is the dropped teacher tail; reverse KL and JSD additionally ignore
-the student's own mass outside the k tokens.
+This approximates the full-vocabulary divergence; it is exact when k = V and close
+whenever the teacher's top-k holds almost all of its mass (the tail it drops is, by
+construction, the teacher's least likely tokens). Forward KL's only error is the dropped
+teacher tail; reverse KL and JSD in addition do not score the student's mass outside
+the k tokens (the cross-entropy term of `kd_loss` and forward KL do).
 """
 
 from __future__ import annotations
@@ -50,18 +55,21 @@ class KDLoss(NamedTuple):
 
 
 def support_log_probs(student_logits: torch.Tensor, teacher: torch.Tensor | TopK,
-                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                      temperature: float = 1.0, renormalize_student: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student log-probabilities on a common support (full vocab or the teacher's top-k).
 
     Args:
         student_logits: [..., V] student logits.
         teacher: [..., V] teacher logits, or a `TopK` with values/indices [..., k].
         temperature: T > 0; both sides are divided by it.
+        renormalize_student: with a top-k teacher, renormalize the student over the k tokens
+            as well (reverse KL, JSD); ignored for a full-vocabulary teacher.
 
     Returns:
         (log_p, log_q): [..., S] teacher and student log-probabilities, S = V or k.
         With top-k, log_p is renormalized over the k tokens and log_q is the student's
-        full-vocabulary log-softmax gathered at the k indices (see the module docstring).
+        full-vocabulary log-softmax gathered at the k indices, renormalized only if asked
+        (see the module docstring).
 
     Raises:
         ValueError: a non-positive temperature or mismatched shapes.
@@ -74,6 +82,8 @@ def support_log_probs(student_logits: torch.Tensor, teacher: torch.Tensor | TopK
             raise ValueError(f"top-k teacher {tuple(teacher.values.shape)} does not match student {tuple(student_logits.shape)}")
         log_p = F.log_softmax(teacher.values.float() / temperature, dim=-1)     # [..., k]
         log_q = log_q_full.gather(-1, teacher.indices.long())                   # [..., k]
+        if renormalize_student:
+            log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
         return log_p, log_q
     if teacher.shape != student_logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher.shape)} do not match student {tuple(student_logits.shape)}")
@@ -124,9 +134,9 @@ def reverse_kl(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, mask:
                temperature: float = 1.0) -> torch.Tensor:
     """Reverse KL(Q || P) * T^2, mean over kept positions (mode-seeking; MiniLLM).
 
-    Arguments and result as in `forward_kl`.
+    Arguments and result as in `forward_kl`; with a top-k teacher both sides are renormalized over the k tokens.
     """
-    log_p, log_q = support_log_probs(student_logits, teacher, temperature)
+    log_p, log_q = support_log_probs(student_logits, teacher, temperature, renormalize_student=True)
     return masked_mean(kl_divergence(log_q, log_p), mask) * temperature ** 2
 
 
@@ -147,7 +157,7 @@ def generalized_jsd(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, 
     """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"generalized_jsd needs 0 < beta < 1, got {beta} (use forward_kl or reverse_kl for the limits)")
-    log_p, log_q = support_log_probs(student_logits, teacher, temperature)
+    log_p, log_q = support_log_probs(student_logits, teacher, temperature, renormalize_student=True)
     # log M = logsumexp(log beta + log P, log(1 - beta) + log Q), stable for tiny probabilities.
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     per_token = beta * kl_divergence(log_p, log_m) + (1.0 - beta) * kl_divergence(log_q, log_m)

@@ -207,8 +207,10 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
         timings["teacher_answers_s"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
-    cache = ddata.cached_teacher_logits(work / ddata.TEACHER_CACHE, teacher, examples, vocab_size=vocab,
-                                        topk=d.topk_logits, pad_id=tokenizer.pad_token_id)
+    cache = None  # loss "none" (plain fine-tuning) and steps = 0 never read the teacher's logits
+    if d.loss != "none" and d.steps > 0:
+        cache = ddata.cached_teacher_logits(work / ddata.TEACHER_CACHE, teacher, examples, vocab_size=vocab,
+                                            topk=d.topk_logits, pad_id=tokenizer.pad_token_id)
     timings["teacher_logits_s"] = round(time.perf_counter() - t, 3)
     del teacher
 

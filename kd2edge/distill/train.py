@@ -192,7 +192,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history:
     os.replace(tmp, path)
 
 
-def train_student(model, examples: list[TrainExample], teacher_cache: list, *, vocab_size: int, pad_id: int,
+def train_student(model, examples: list[TrainExample], teacher_cache: list | None, *, vocab_size: int, pad_id: int,
                   loss: str, temperature: float, kd_ratio: float, beta: float, steps: int, batch_size: int,
                   grad_accum: int, lr: float, warmup_ratio: float, max_grad_norm: float, seed: int,
                   work_dir: Path, checkpoint_every: int, mixed_precision: str = "auto",
@@ -202,7 +202,8 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list, *, v
     Args:
         model: the student (a transformers causal LM), modified in place.
         examples: tokenized sequences with shifted labels.
-        teacher_cache: per example the teacher's rows at its answer positions (TopK or full logits).
+        teacher_cache: per example the teacher's rows at its answer positions (TopK or full logits);
+            None with loss "none" (cross-entropy on the targets only).
         vocab_size: the real vocabulary shared by teacher and student.
         pad_id: padding token id.
         loss, temperature, kd_ratio, beta: as in `kd2edge.distill.losses.kd_loss`.
@@ -255,7 +256,7 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list, *, v
             batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             with accelerator.autocast():
                 logits, labels = wrapped(**batch)
-            teacher = teacher_rows(teacher_cache, idx, accelerator.device)
+            teacher = teacher_rows(teacher_cache, idx, accelerator.device) if teacher_cache is not None else None
             parts = kd_loss(logits.float(), teacher, labels, kd_ratio=kd_ratio, loss=loss,
                             temperature=temperature, beta=beta)
             accelerator.backward(parts.total / grad_accum)

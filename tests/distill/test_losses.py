@@ -102,3 +102,13 @@ def test_topk_equals_full_vocab_when_k_is_vocab(name):
     g_top, = torch.autograd.grad(top.total, student)
     assert torch.allclose(g_full, g_top, atol=1e-6)
     assert g_full[:, :2].abs().max().item() == 0.0   # masked prompt positions get no gradient
+
+
+def test_topk_reverse_kl_renormalizes_the_student_and_stays_non_negative():
+    # Top-2 teacher P = (2/3, 1/3); student logits (0, 0, 5): over the top-2 it is (1/2, 1/2) once
+    # renormalized, so reverse KL = KL((1/2, 1/2) || (2/3, 1/3)), whatever mass token 2 holds.
+    top = TopK(torch.tensor([[math.log(2.0), 0.0]]), torch.tensor([[0, 1]]))
+    student = torch.tensor([[0.0, 0.0, 5.0]])
+    expected = 0.5 * math.log(0.5 / (2 / 3)) + 0.5 * math.log(0.5 / (1 / 3))
+    assert reverse_kl(student, top).item() == pytest.approx(expected, abs=1e-6)
+    assert generalized_jsd(student, top, beta=0.5).item() >= 0.0

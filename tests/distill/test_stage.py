@@ -142,3 +142,15 @@ def test_profile_no_candidate_fits(teachers, tmp_path):
 def test_out_of_range_loss_parameters(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(profile="laptop-cpu", overrides=overrides)
+
+
+@pytest.mark.parametrize("overrides", [{"distill.loss": "none"},
+                                       {"distill.topk_logits": 0, "distill.loss": "jsd"},
+                                       {"distill.loss": "reverse_kl", "distill.shots": 1}])
+def test_loss_variants_and_full_vocab_cache(teachers, tmp_path, overrides):
+    m = _run(teachers["qwen2"], tmp_path / "distill", **overrides).artifact.metrics
+    if overrides["distill.loss"] == "none":
+        assert m["kd_loss_first"] == 0.0 and m["loss_first"] > 0
+    else:
+        assert m["kd_loss_first"] > 0
+    assert m["train"]["topk_logits"] == overrides.get("distill.topk_logits", 16)
