@@ -154,3 +154,24 @@ def test_loss_variants_and_full_vocab_cache(teachers, tmp_path, overrides):
     else:
         assert m["kd_loss_first"] > 0
     assert m["train"]["topk_logits"] == overrides.get("distill.topk_logits", 16)
+
+
+def test_distill_cli_json_and_rerun_skips(teachers, tmp_path):
+    from click.testing import CliRunner
+
+    from kd2edge.distill.cli import distill
+
+    config = tmp_path / "run.json"
+    nested: dict = {}
+    for key, value in FAST.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    config.write_text(json.dumps(nested))
+    args = ["--teacher", str(teachers["gpt_neox"]), "--config", str(config), "--out", str(tmp_path / "s"),
+            "--steps", "3", "--kd-ratio", "0.7", "--json"]
+    first = CliRunner().invoke(distill, args)
+    assert first.exit_code == 0, first.output
+    data = json.loads(first.stdout)
+    assert data["status"] == "done" and data["kd_ratio"] == 0.7 and data["train"]["steps"] == 3
+    second = CliRunner().invoke(distill, args)
+    assert json.loads(second.stdout)["status"] == "skipped"
