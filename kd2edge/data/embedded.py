@@ -195,7 +195,8 @@ KINDS = (
     }, {
         "en": (("height", ("How high is Mount {mountain}?",)),
                ("climber", ("Who first climbed Mount {mountain}?",)),
-               ("year", ("When was Mount {mountain} first climbed?", "In what year was Mount {mountain} first climbed?")),
+               ("year", ("When was Mount {mountain} first climbed?",
+                         "In what year was Mount {mountain} first climbed?")),
                ("town", ("Which village lies at the foot of Mount {mountain}?",))),
         "es": (("height", ("¿Qué altura tiene el monte {mountain}?",)),
                ("climber", ("¿Quién escaló por primera vez el monte {mountain}?",)),

@@ -109,7 +109,8 @@ def parse_split(split: str) -> tuple[str, tuple[str | None, str | None] | None]:
     """
     m = _SPLIT_SLICE.fullmatch(split)
     if m is None:
-        raise DataError(f"bad split {split!r}: write NAME or NAME[START:END], e.g. train, train[:80%], validation[:200]")
+        raise DataError(f"bad split {split!r}: write NAME or NAME[START:END], "
+                        f"e.g. train, train[:80%], validation[:200]")
     name, bracket, start, end = m.groups()
     return name, ((start or None, end or None) if bracket else None)
 
@@ -207,12 +208,9 @@ def _load_file(path: Path, spec: str, split: str, language: str | None) -> QADat
     name = path.name
     if language is None and (m := _MLQA_NAME.search(name)):
         language = m.group(1)
+    text = _read_text(path)
     if path.suffix.lower() == ".jsonl":
-        return _from_records(_read_jsonl(path), name, spec, split)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}: check the path and that it is a UTF-8 text file") from None
+        return _from_records(_parse_jsonl(text, name), name, spec, split)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -228,12 +226,11 @@ def _load_file(path: Path, spec: str, split: str, language: str | None) -> QADat
                     f"got a {type(doc).__name__} with keys {sorted(doc)[:6] if isinstance(doc, dict) else '-'}")
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}: check the path and that it is a UTF-8 text file") from None
-    return _parse_jsonl(text, path.name)
 
 
 def _parse_jsonl(text: str, name: str) -> list[tuple[int, Any]]:
