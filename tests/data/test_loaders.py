@@ -293,3 +293,9 @@ def test_bad_slice():
         load_qa("embedded@train[a:b]")
     with pytest.raises(DataError, match=r"embedded \(train\[5:5\]\) has no questions"):
         load_qa("embedded@train[5:5]")
+
+
+def test_binary_file_is_a_data_error(tmp_path):
+    (tmp_path / "model.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(DataError, match=r"cannot read .*model\.json: .*UTF-8 text file"):
+        load_qa(str(tmp_path / "model.json"))
