@@ -16,7 +16,7 @@ import click
 
 from kd2edge import __version__
 from kd2edge.cli_common import (config_option, emit, fail_line, info, json_option, profile_option,
-                                table)
+                                table, warn)
 from kd2edge.errors import Interrupted, Kd2EdgeError
 
 # name -> (module, attribute, one-line help shown in `kd2edge --help`)
@@ -84,7 +84,7 @@ def cli(ctx, debug):
               help="Run folder: one sub-folder per stage, report.json and report.html.")
 @click.option("--teacher", default=None, help="Teacher: 'embedded', a hub id, a folder or a .gguf file.")
 @click.option("--student", default=None, help="Student: a hub id or folder sharing the teacher's tokenizer. [default: planned from the teacher]")
-@click.option("--data", default=None, help="Dataset: 'embedded', a hub id, or a SQuAD JSON / JSONL file.")
+@click.option("--data", default=None, help="Dataset: 'embedded' (-en/-es), a hub id, a SQuAD JSON / JSONL file, mlqa:PATH:LANG; SPEC@split[slice] picks a part, e.g. FILE@train[:80%].")
 @click.option("--steps", type=int, default=None, help="Distillation optimizer steps.")
 @click.option("--seed", type=int, default=None)
 @click.option("--force", is_flag=True, help="Rerun every stage even if its output is up to date.")
@@ -97,7 +97,7 @@ def run(profile, config_file, out, teacher, student, data, steps, seed, force, n
     A rerun skips the stages whose output already matches their config and input,
     so a run that was stopped resumes where it stopped.
     """
-    from kd2edge.config import dump_config, load_config
+    from kd2edge.config import data_leak_warning, dump_config, load_config
     from kd2edge.pipeline import run_pipeline
 
     overrides = {"teacher": teacher, "data": data, "seed": seed, "distill.student": student,
@@ -106,6 +106,8 @@ def run(profile, config_file, out, teacher, student, data, steps, seed, force, n
     if print_config:
         click.echo(dump_config(config), nl=False)
         return
+    if (leak := data_leak_warning(config)) is not None:
+        warn(leak)
     out_dir = Path(out)
     info(f"kd2edge {__version__}: profile {config.profile.name}, teacher {config.teacher}, run folder {out_dir}")
 

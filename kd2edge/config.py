@@ -32,7 +32,7 @@ STAGES = ("distill", "quantize", "export", "profile", "evaluate", "package")
 class RunConfig:
     profile: DeviceProfile
     teacher: str = "embedded"   # "embedded" (SmolLM2-135M-Instruct GGUF), a hub id, a folder or a .gguf
-    data: str = "embedded"      # "embedded", a hub id or a local SQuAD JSON / JSONL file
+    data: str = "embedded"      # "embedded[-en|-es]", a hub id, a local SQuAD JSON / JSONL file; "SPEC@split[slice]"
     seed: int = field(default=0, metadata=rule(min=0))
     distill: DistillConfig = DistillConfig()
     quantize: QuantizeConfig = QuantizeConfig()
@@ -105,6 +105,20 @@ def resolve(config: RunConfig) -> RunConfig:
     if evaluate.data is None:
         evaluate = dataclasses.replace(evaluate, data=config.data)
     return dataclasses.replace(config, quantize=quantize, export=export, evaluate=evaluate)
+
+
+def data_leak_warning(config: RunConfig) -> str | None:
+    """A warning when training and evaluation would read the same local file's questions.
+
+    A local file has no train/validation split of its own: without slices (FILE@train[:80%]
+    for training and FILE@validation[80%:] for evaluation) both stages see the same items.
+    """
+    data, evaluate = config.data, config.evaluate.data
+    local = Path(data.split("@")[0]).suffix in (".json", ".jsonl")
+    if local and "@" not in data and evaluate == data:
+        return (f"training and evaluation both read every item of {data}: pass --data '{data}@train[:80%]' and "
+                f"evaluate.data '{data}@validation[80%:]' for a held-out score")
+    return None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -56,3 +56,13 @@ def test_stage_config_decides_fingerprints():
     assert a.stage_config("distill") == b.stage_config("distill")
     assert a.stage_config("quantize") != b.stage_config("quantize")
     assert "device" in a.stage_config("profile")
+
+
+def test_a_single_local_file_for_training_and_evaluation_is_warned(tmp_path):
+    from kd2edge.config import data_leak_warning
+
+    path = str(tmp_path / "qa.json")
+    assert "held-out" in data_leak_warning(load_config(overrides={"data": path}))
+    split = load_config(overrides={"data": path + "@train[:80%]", "evaluate.data": path + "@validation[80%:]"})
+    assert data_leak_warning(split) is None
+    assert data_leak_warning(load_config()) is None
