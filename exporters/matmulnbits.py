@@ -159,3 +159,47 @@ def rtn_blocks(weight: np.ndarray, block_size: int) -> dict:
     codes = np.clip(np.round(w / scale[..., None]) + zero[..., None], 0, 15)
     return {"codes": codes.reshape(rows, cols).astype(np.uint8), "zeros": zero.astype(np.uint8),
             "scales": scale.astype(np.float32)}
+
+
+def pack_gptq_layer(qt) -> dict:
+    """`to_matmulnbits` of one `kd2edge.quant.checkpoint.QuantTensors` (its codes, zeros, scales, g_idx)."""
+    codes, zeros = gptq_codes(qt.qweight.numpy(), qt.qzeros.numpy(), qt.bits)
+    return to_matmulnbits(codes, zeros, qt.scales.float().numpy(), qt.g_idx.numpy(), qt.group_size)
+
+
+def held_weight_error(packed: dict, weight_kn: np.ndarray) -> float:
+    """max |MatMulNBits' weight - weight_kn[perm]|: 0 when `packed` holds exactly the (K, N) reference weight."""
+    held = dequantize_matmulnbits(packed["B"], packed["scales"], packed["zero_points"], packed["K"], packed["N"],
+                                  packed["block_size"])
+    reference = weight_kn if packed["perm"] is None else weight_kn[packed["perm"]]
+    return float(np.abs(held - reference).max())
+
+
+def concat_matmulnbits(parts: list[dict]) -> dict:
+    """One MatMulNBits holding several layers that read the same input: [W_1 | W_2 | ...] along N.
+
+    Exact (every output column keeps its own blocks, scales and zeros). All parts must
+    share K, block_size and the act-order permutation (`can_concat`).
+    """
+    if not can_concat(parts):
+        raise ValueError("MatMulNBits parts differ in K, block size or act-order permutation")
+    first = parts[0]
+    n_blocks = first["K"] // first["block_size"]
+    return {"B": np.concatenate([p["B"] for p in parts], axis=0),                         # [sum N, blocks, bs/2]
+            "scales": np.concatenate([p["scales"].reshape(p["N"], n_blocks) for p in parts]).reshape(-1),
+            "zero_points": np.concatenate([p["zero_points"].reshape(p["N"], -1) for p in parts]).reshape(-1),
+            "perm": first["perm"], "K": first["K"], "N": sum(p["N"] for p in parts),
+            "block_size": first["block_size"]}
+
+
+def can_concat(parts: list[dict]) -> bool:
+    """Whether `concat_matmulnbits` can merge `parts`: same K, block size and act-order permutation."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p["K"] != first["K"] or p["block_size"] != first["block_size"]:
+            return False
+        if (p["perm"] is None) != (first["perm"] is None):
+            return False
+        if p["perm"] is not None and not np.array_equal(p["perm"], first["perm"]):
+            return False
+    return True

@@ -90,24 +90,54 @@ def add_nbits_initializers(model: onnx.ModelProto, prefix: str, packed: dict) ->
             replace_initializer(model, packed["zero_points"], f"{prefix}.zeros_nbits"))
 
 
+def matmulnbits_node(name: str, activation: str, output: str, packed: dict, weights: tuple[str, str, str],
+                     accuracy_level: int) -> onnx.NodeProto:
+    """One MatMulNBits node `output = activation @ W` reading the stored `weights` (B, scales, zero_points)."""
+    return helper.make_node("MatMulNBits", [activation, *weights], [output], name=name, domain=MS_DOMAIN,
+                            K=packed["K"], N=packed["N"], bits=4, block_size=packed["block_size"],
+                            accuracy_level=accuracy_level)
+
+
+def permute_features_node(model: onnx.ModelProto, prefix: str, activation: str, perm: np.ndarray) -> onnx.NodeProto:
+    """A Gather giving x[..., perm] (act-order: MatMulNBits ignores g_idx on CPU, so groups are made contiguous)."""
+    perm_name = replace_initializer(model, perm, f"{prefix}.act_order_perm")
+    return helper.make_node("Gather", [activation, perm_name], [f"{prefix}/act_order_input"],
+                            name=f"/{prefix}/ActOrderGather", axis=-1)
+
+
 def matmulnbits_nodes(prefix: str, activation: str, output: str, packed: dict, accuracy_level: int,
                       model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The nodes (an optional input Gather, then MatMulNBits) computing `output = activation @ W`.
 
     `packed` is `exporters.matmulnbits.to_matmulnbits(...)`; its tensors are added as initializers.
     """
-    b, s, z = add_nbits_initializers(model, prefix, packed)
+    weights = add_nbits_initializers(model, prefix, packed)
     nodes = []
     if packed["perm"] is not None:
-        # act-order: MatMulNBits ignores g_idx on CPU, so permute x's features to make groups contiguous.
-        perm = replace_initializer(model, packed["perm"], f"{prefix}.act_order_perm")
-        permuted = f"{prefix}/act_order_input"
-        nodes.append(helper.make_node("Gather", [activation, perm], [permuted], name=f"/{prefix}/ActOrderGather",
-                                      axis=-1))
-        activation = permuted
-    nodes.append(helper.make_node("MatMulNBits", [activation, b, s, z], [output], name=f"/{prefix}/MatMulNBits",
-                                  domain=MS_DOMAIN, K=packed["K"], N=packed["N"], bits=4,
-                                  block_size=packed["block_size"], accuracy_level=accuracy_level))
+        nodes.append(permute_features_node(model, prefix, activation, packed["perm"]))
+        activation = nodes[-1].output[0]
+    nodes.append(matmulnbits_node(f"/{prefix}/MatMulNBits", activation, output, packed, weights, accuracy_level))
+    return nodes
+
+
+def gather_block_quantized_nodes(model: onnx.ModelProto, name: str, weights: tuple[str, str, str], packed: dict,
+                                 indices: str, output: str) -> list[onnx.NodeProto]:
+    """Rows `indices` of a 4-bit [V, H] matrix stored as MatMulNBits tensors (`packed` with N = V, K = H).
+
+    GatherBlockQuantized wants 2-D [V, H/2] data, [V, blocks] scales and [V, ceil(blocks/2)] zeros:
+    Reshape views of the MatMulNBits tensors (folded once at load) let a tied lm_head share the bytes.
+    """
+    V, H, block = packed["N"], packed["K"], packed["block_size"]
+    shapes = dict(zip(weights, ([V, H // 2], [V, H // block], [V, -1])))
+    nodes, views = [], []
+    for tensor, shape in shapes.items():
+        shape_name = replace_initializer(model, np.array(shape, dtype=np.int64), f"{tensor}.gather_shape")
+        views.append(f"{tensor}.gather_view")
+        nodes.append(helper.make_node("Reshape", [tensor, shape_name], [views[-1]],
+                                      name=f"/{name}/Reshape_{len(nodes)}"))
+    nodes.append(helper.make_node("GatherBlockQuantized", [views[0], indices, views[1], views[2]], [output],
+                                  name=f"/{name}/GatherBlockQuantized", domain=MS_DOMAIN, gather_axis=0,
+                                  quantize_axis=1, block_size=block, bits=4))
     return nodes
 
 

@@ -85,7 +85,8 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "chat_template.jinja")
 
 
-def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = False, accuracy_level: int = 0) -> dict:
+def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = False, accuracy_level: int = 0,
+           fuse: bool = True) -> dict:
     """Export a GPTQ checkpoint to an ONNX decoder with a KV cache and 4-bit MatMulNBits weights.
 
     Args:
@@ -96,9 +97,12 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
             shared matrix when tied).
         accuracy_level: MatMulNBits' accuracy_level (0: float32 activations, exact to the
             dequantized weights; 4: int8 activations, faster, about 0.5% relative error).
+        fuse: write the hand-fused graph (`exporters.fused`) for the Llama family; False
+            (or another family) traces with optimum instead.
 
     Returns:
-        Metadata: format, exporter, counts of rewritten layers, weight self-check, files, sizes.
+        Metadata: format, exporter, graph ("fused" or "traced", with fallback_reason),
+        counts of rewritten layers, weight self-check, files, sizes.
 
     Raises:
         ArtifactError: not a 4-bit GPTQ checkpoint.
@@ -107,6 +111,7 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
     """
     import onnx
 
+    from exporters.fused import build_fused_decoder, unsupported_reason
     from kd2edge.quant.checkpoint import (is_gptq_checkpoint, load_dequantized_model, read_gptq_tensors,
                                           read_quantization_config)
 
@@ -120,11 +125,20 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
     layers = read_gptq_tensors(checkpoint_dir)
     model, tokenizer = load_dequantized_model(checkpoint_dir)
     vocab_q = quantize_embeddings_rtn(model) if quantize_embeddings else {}
+    reason = unsupported_reason(model.config) if fuse else "fuse=False"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".trace-", dir=out_dir) as tmp:
-        export_with_past(model, tokenizer, Path(tmp))
-        proto = onnx.load(str(Path(tmp) / "model.onnx"))
-        info = rewrite_graph(proto, model, layers, vocab_q, accuracy_level)
+        if reason is None:
+            proto, info = build_fused_decoder(model, layers, vocab_q, accuracy_level)
+            info = finish_graph(proto, {**info, "accuracy_level": accuracy_level}, vocab_q)
+            model.config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:
+            export_with_past(model, tokenizer, Path(tmp))
+            proto = onnx.load(str(Path(tmp) / "model.onnx"))
+            info = rewrite_graph(proto, model, layers, vocab_q, accuracy_level)
+        info = {"graph": "fused" if reason is None else "traced", "fallback_reason": reason, **info}
         for name in SIDE_FILES:
             if (Path(tmp) / name).is_file():
                 shutil.copy2(Path(tmp) / name, out_dir / name)
@@ -152,7 +166,7 @@ def rewrite_graph(proto, model, layers: dict, vocab_q: dict, accuracy_level: int
     from onnx import numpy_helper
 
     from exporters import onnx_graph as g
-    from exporters.matmulnbits import dequantize_matmulnbits, gptq_codes, to_matmulnbits
+    from exporters.matmulnbits import held_weight_error, pack_gptq_layer
 
     g.ensure_ms_opset(proto)
     inits = g.initializers(proto)
@@ -163,22 +177,15 @@ def rewrite_graph(proto, model, layers: dict, vocab_q: dict, accuracy_level: int
         if node is None:
             raise StageError(f"quantized layer {name} has no MatMul in the traced graph: this architecture's "
                              f"graph is not supported by the onnx exporter, try --exporter onnx-genai")
-        codes, zeros = gptq_codes(qt.qweight.numpy(), qt.qzeros.numpy(), qt.bits)
-        packed = to_matmulnbits(codes, zeros, qt.scales.float().numpy(), qt.g_idx.numpy(), qt.group_size)
+        packed = pack_gptq_layer(qt)
         if node.input[1] not in inits:
             raise StageError(f"the traced MatMul of {name} does not read a stored weight: this architecture's "
                              f"graph is not supported by the onnx exporter, try --exporter onnx-genai")
         traced = numpy_helper.to_array(inits[node.input[1]])                      # (K, N) = W^T
-        if packed["perm"] is not None:
-            traced, act_order = traced[packed["perm"]], act_order + 1
-        held = dequantize_matmulnbits(packed["B"], packed["scales"], packed["zero_points"], packed["K"],
-                                      packed["N"], packed["block_size"])
-        worst = max(worst, float(np.abs(held - traced).max()))
+        act_order += packed["perm"] is not None
+        worst = max(worst, held_weight_error(packed, traced))
         g.replace_node(proto, node, g.matmulnbits_nodes(name, node.input[0], node.output[0], packed,
                                                         accuracy_level, proto))
-    if worst > 1e-6:
-        raise StageError(f"MatMulNBits weights differ from the checkpoint's dequantized weights by {worst:.3g}: "
-                         f"this is a kd2edge bug in the GPTQ -> MatMulNBits conversion")
     names = {id(m): n for n, m in model.named_modules()}
     embed_name = names[id(model.get_input_embeddings())]
     head = model.get_output_embeddings()
@@ -191,13 +198,36 @@ def rewrite_graph(proto, model, layers: dict, vocab_q: dict, accuracy_level: int
                 _quantize_head(proto, name, q, matmuls[name], accuracy_level)
     elif tied and head_name in matmuls:
         _share_tied_head(proto, embed_name, matmuls[head_name])
+    return finish_graph(proto, {"quantized_layers": len(layers), "act_order_layers": act_order,
+                                "accuracy_level": accuracy_level, "nbits_weight_max_abs_diff": worst,
+                                "tied_embeddings": tied}, vocab_q)
+
+
+def finish_graph(proto, info: dict, vocab_q: dict) -> dict:
+    """Check the 4-bit weights, drop what nothing reads, store exact-fp16 floats compactly.
+
+    Args:
+        proto: the decoder (edited in place).
+        info: what built it, with `nbits_weight_max_abs_diff` (max |MatMulNBits weight - dequantized weight|).
+        vocab_q: the 4-bit vocabulary matrices ({} when float).
+
+    Returns:
+        `info` plus embeddings storage and fp16_saved_bytes.
+
+    Raises:
+        StageError: the MatMulNBits weights are not exactly the checkpoint's.
+    """
+    from exporters import onnx_graph as g
+
+    worst = info["nbits_weight_max_abs_diff"]
+    if worst > 1e-6:
+        raise StageError(f"MatMulNBits weights differ from the checkpoint's dequantized weights by {worst:.3g}: "
+                         f"this is a kd2edge bug in the GPTQ -> MatMulNBits conversion")
     g.drop_dead_nodes(proto)
     g.drop_unused_initializers(proto)
     fp16_saved = g.store_fp16(proto)
-    return {"quantized_layers": len(layers), "act_order_layers": act_order, "accuracy_level": accuracy_level,
-            "nbits_weight_max_abs_diff": worst, "tied_embeddings": tied,
-            "embeddings": f"int4-rtn-block{EMBEDDING_BLOCK}" if vocab_q else "float16" if fp16_saved else "float32",
-            "fp16_saved_bytes": sum(fp16_saved.values())}
+    return {**info, "embeddings": f"int4-rtn-block{EMBEDDING_BLOCK}" if vocab_q else "float16" if fp16_saved
+            else "float32", "fp16_saved_bytes": sum(fp16_saved.values())}
 
 
 def _embedding_gather(proto, embed_name: str):
@@ -210,7 +240,8 @@ def _embedding_gather(proto, embed_name: str):
                      f"export without --quantize-embeddings")
 
 
-def _vocab_packed(q: dict) -> dict:
+def vocab_packed(q: dict) -> dict:
+    """`rtn_blocks` output of a [V, H] vocabulary matrix as MatMulNBits tensors (N = V, K = H, no permutation)."""
     from exporters.matmulnbits import pack_nibbles
 
     V, H = q["codes"].shape
@@ -223,40 +254,23 @@ def _vocab_packed(q: dict) -> dict:
 def _quantize_vocab(proto, vocab_q: dict, embed_name: str, tied_head: str | None, matmuls: dict,
                     accuracy_level: int) -> None:
     """Input embedding -> GatherBlockQuantized over the 4-bit matrix; a tied lm_head -> MatMulNBits on the same bytes."""
-    from onnx import helper
-
     from exporters import onnx_graph as g
 
-    q = vocab_q[embed_name]
-    V, H = q["codes"].shape
-    packed = _vocab_packed(q)
+    packed = vocab_packed(vocab_q[embed_name])
     gather = _embedding_gather(proto, embed_name)
-    b, s, z = g.add_nbits_initializers(proto, embed_name, packed)
-    # GatherBlockQuantized wants 2-D [V, H/2] data, [V, blocks] scales and [V, ceil(blocks/2)] zeros:
-    # reshape the MatMulNBits tensors (folded once at load) rather than storing them twice.
-    shapes = {b: [V, H // 2], s: [V, H // EMBEDDING_BLOCK], z: [V, -1]}
-    reshape_nodes, views = [], {}
-    for name, shape in shapes.items():
-        shape_name = g.replace_initializer(proto, np.array(shape, dtype=np.int64), f"{name}.gather_shape")
-        views[name] = f"{name}.gather_view"
-        reshape_nodes.append(helper.make_node("Reshape", [name, shape_name], [views[name]],
-                                              name=f"/{embed_name}/Reshape_{len(reshape_nodes)}"))
-    gbq = helper.make_node("GatherBlockQuantized", [views[b], gather.input[1], views[s], views[z]],
-                           list(gather.output), name=f"/{embed_name}/GatherBlockQuantized", domain=g.MS_DOMAIN,
-                           gather_axis=0, quantize_axis=1, block_size=EMBEDDING_BLOCK, bits=4)
-    g.replace_node(proto, gather, reshape_nodes + [gbq])
+    weights = g.add_nbits_initializers(proto, embed_name, packed)
+    g.replace_node(proto, gather, g.gather_block_quantized_nodes(proto, embed_name, weights, packed,
+                                                                 gather.input[1], gather.output[0]))
     if tied_head is not None and tied_head in matmuls:
         node = matmuls[tied_head]
-        head = helper.make_node("MatMulNBits", [node.input[0], b, s, z], list(node.output),
-                                name=f"/{tied_head}/MatMulNBits", domain=g.MS_DOMAIN, K=H, N=V, bits=4,
-                                block_size=EMBEDDING_BLOCK, accuracy_level=accuracy_level)
-        g.replace_node(proto, node, [head])
+        g.replace_node(proto, node, [g.matmulnbits_node(f"/{tied_head}/MatMulNBits", node.input[0], node.output[0],
+                                                        packed, weights, accuracy_level)])
 
 
 def _quantize_head(proto, head_name: str, q: dict, node, accuracy_level: int) -> None:
     from exporters import onnx_graph as g
 
-    g.replace_node(proto, node, g.matmulnbits_nodes(head_name, node.input[0], node.output[0], _vocab_packed(q),
+    g.replace_node(proto, node, g.matmulnbits_nodes(head_name, node.input[0], node.output[0], vocab_packed(q),
                                                     accuracy_level, proto))
 
 
