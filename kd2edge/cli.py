@@ -127,13 +127,19 @@ def _run_summary(report: dict) -> str:
     for stage, s in report["stages"].items():
         lines.append(f"  {stage:<9} {s['status']:<8} {s.get('reason') or s.get('path') or ''}")
     q = report.get("quality", {})
-    if "retention_f1" in q:
-        lines.append(f"retention F1 {q['retention_f1']:.3f} (teacher F1 {q['teacher']['f1']:.3f}, deployed {q['deployed']['f1']:.3f})")
+    if "teacher" in q:
+        retention = q.get("retention_f1")
+        shown = "undefined (teacher F1 is 0)" if retention is None else f"{retention:.3f}"
+        lines.append(f"F1 teacher {q['teacher']['f1']:.3f}, student {q['student']['f1']:.3f}, "
+                     f"deployed {q['deployed']['f1']:.3f}; retention {shown}")
     rows = [[k, v.get("limit"), v.get("value"), {True: "pass", False: "FAIL", None: "-"}[v.get("pass")]]
             for k, v in report["budgets"].items()]
     lines.append(table(rows, ["budget", "limit", "value", "verdict"]))
-    verdict = {True: "PASS", False: "FAIL", None: "INCOMPLETE (missing: " + ", ".join(report.get("missing_stages", [])) + ")"}
+    open_budgets = [k for k, v in report["budgets"].items() if v.get("pass") is None]
+    verdict = {True: "PASS", False: "FAIL", None: "UNDECIDED (not measured: " + ", ".join(open_budgets) + ")"}
     lines.append(f"overall: {verdict[report['pass']]}")
+    if report.get("missing_stages"):
+        lines.append("stages not run: " + ", ".join(report["missing_stages"]))
     return "\n".join(lines)
 
 
