@@ -10,6 +10,9 @@ from kd2edge.schema import rule
 
 @dataclass(frozen=True)
 class DistillConfig:
+    # Defaults sized for the embedded teacher on 2 CPU cores (about 6 CPU-minutes single-threaded):
+    # 60 steps x 8 sequences (480 items, one epoch) at lr 6e-4 took the 14-layer student's KD loss
+    # from 8.1 to 1.4 and validation F1 from 0.00 to 0.06 (32 items, one-shot).
     student: str | None = None  # None: `plan` picks a layer-pruned student for the profile
     student_layers: int | None = field(default=None, metadata=rule(min=1, help="decoder layers to keep"))
     max_param_fraction: float = field(default=0.6, metadata=rule(min=0.01, max=0.99, help="a planned student holds at most this share of the teacher's parameters"))
@@ -19,17 +22,17 @@ class DistillConfig:
     jsd_beta: float = field(default=0.5, metadata=rule(min=0, max=1))
     sequence_kd: bool = False
     shots: int = field(default=0, metadata=rule(min=0, max=1))
-    steps: int = field(default=120, metadata=rule(min=0, max=10_000_000))
+    steps: int = field(default=60, metadata=rule(min=0, max=10_000_000))
     batch_size: int = field(default=8, metadata=rule(min=1, max=4096))
     grad_accum: int = field(default=1, metadata=rule(min=1, max=4096))
-    lr: float = field(default=3e-4, metadata=rule(min=1e-8, max=1))
+    lr: float = field(default=6e-4, metadata=rule(min=1e-8, max=1))
     warmup_ratio: float = field(default=0.05, metadata=rule(min=0, max=1))
     max_grad_norm: float = field(default=1.0, metadata=rule(min=0))
     max_length: int = field(default=384, metadata=rule(min=16, max=131_072))
     topk_logits: int = field(default=64, metadata=rule(min=0, help="cache the teacher's top-k logits per position; 0 = full vocabulary"))
-    checkpoint_every: int = field(default=40, metadata=rule(min=1))
+    checkpoint_every: int = field(default=20, metadata=rule(min=1))
     train_limit: int | None = field(default=None, metadata=rule(min=1))
-    eval_limit: int | None = field(default=64, metadata=rule(min=1))
+    eval_limit: int | None = field(default=32, metadata=rule(min=1))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
     def problems(self) -> list[str]:
