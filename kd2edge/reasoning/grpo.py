@@ -17,6 +17,8 @@ used where the GPU supports it. For real runs raise `num_generations` (8-16),
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -145,7 +147,8 @@ def run_grpo(model_dir: str | Path, items: Sequence[QAItem], out_dir: str | Path
                               train_dataset=data, processing_class=tokenizer)
         # Without tqdm the Trainer prints every log dict to stdout; stdout is kept for --json.
         trainer.remove_callback(PrinterCallback)
-        with warnings.catch_warnings():
+        # The progress bar's log lines (tqdm.write) go to stdout; stdout is kept for --json.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             # TRL warns on CPU about features it cannot use (vLLM, liger); ours are listed in `warnings`.
             warnings.filterwarnings("ignore", category=UserWarning, module="trl")
             trainer.train()

@@ -102,14 +102,15 @@ def test_grpo_bad_inputs(tiny_llama_dir, tmp_path):
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
-def test_grpo_all_zero_weights_warns(tiny_llama_dir, tmp_path):
+def test_grpo_all_zero_weights_warns(tiny_llama_dir, tmp_path, capsys):
     from kd2edge.reasoning.grpo import run_grpo
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = run_grpo(tiny_llama_dir, CORPUS_ITEMS[:1], tmp_path / "z", steps=1,
                           reward_weights={"correctness": 0.0, "format": 0.0}, num_generations=2,
-                          max_new_tokens=4, progress=False)
+                          max_new_tokens=4, progress=True)
+    assert capsys.readouterr().out == ""        # logs and progress on stderr: stdout stays clean for --json
     texts = [str(w.message) for w in caught]
     assert any("GRPO learns nothing: every reward weight is 0" in t for t in texts)
     assert result["steps"][0]["reward"] == 0.0 and result["warnings"]
