@@ -23,7 +23,9 @@ from kd2edge.errors import Interrupted, Kd2EdgeError
 LAZY_COMMANDS = {
     "plan": ("kd2edge.distill.cli", "plan", "List candidate students for a profile and pick one."),
     "distill": ("kd2edge.distill.cli", "distill", "Distill a student from a teacher."),
-    "generate-data": ("kd2edge.distill.cli", "generate_data", "Have the teacher write answers or rationales for training."),
+    "generate-data": ("kd2edge.reasoning.cli", "generate_data", "Have the teacher write answers, rationales or critique-revised rationales."),
+    "grpo": ("kd2edge.reasoning.cli", "grpo", "Fine-tune a distilled student with GRPO on QA rewards."),
+    "eval-rationales": ("kd2edge.reasoning.cli", "eval_rationales", "Multiple-choice accuracy with and without a rationale."),
     "quantize": ("kd2edge.quant.cli", "quantize", "Quantize a model to 4 bits with GPTQ (or RTN)."),
     "export": ("kd2edge.export.cli", "export", "Export a quantized model to ONNX with a KV cache."),
     "generate": ("kd2edge.export.cli", "generate", "Answer a question with an exported artifact."),
