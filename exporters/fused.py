@@ -234,10 +234,23 @@ def build_fused_decoder(model, layers: dict, vocab_q: dict, accuracy_level: int)
         # SwiGLU MLP: down(silu(gate(x)) * up(x)); silu(z) = z * sigmoid(z)
         x, residual = _rms_norm(b, residual, pending, layer.post_attention_layernorm.weight, eps,
                                 f"/{prefix}/post_attention_layernorm")
-        gate = b.linear(x, packs["mlp.gate_proj"], f"{prefix}.mlp.gate_proj", accuracy_level, _bias(mlp.gate_proj.bias))
-        up = b.linear(x, packs["mlp.up_proj"], f"{prefix}.mlp.up_proj", accuracy_level, _bias(mlp.up_proj.bias))
-        silu = b.node("Mul", [gate, b.node("Sigmoid", [gate], f"/{prefix}/mlp/act_fn/Sigmoid")],
-                      f"/{prefix}/mlp/act_fn/Mul")
+        gate_up = [packs["mlp.gate_proj"], packs["mlp.up_proj"]]
+        if can_concat(gate_up):
+            # one MatMulNBits [.., 2 * intermediate] then Split: half the kernel launches at decode
+            biases = [_bias(mlp.gate_proj.bias), _bias(mlp.up_proj.bias)]
+            both = b.linear(x, concat_matmulnbits(gate_up), f"{prefix}.mlp.gate_up_proj", accuracy_level,
+                            None if biases[0] is None else np.concatenate(biases))
+            sizes = b.init(f"{prefix}.mlp.gate_up_split", np.array([p["N"] for p in gate_up], dtype=np.int64))
+            gate, up = f"/{prefix}/mlp/Split/output_0", f"/{prefix}/mlp/Split/output_1"
+            graph.node.append(helper.make_node("Split", [both, sizes], [gate, up], name=f"/{prefix}/mlp/Split",
+                                               axis=-1))
+        else:
+            gate = b.linear(x, gate_up[0], f"{prefix}.mlp.gate_proj", accuracy_level, _bias(mlp.gate_proj.bias))
+            up = b.linear(x, gate_up[1], f"{prefix}.mlp.up_proj", accuracy_level, _bias(mlp.up_proj.bias))
+        # QuickGelu(x) = x * sigmoid(alpha x): with alpha = 1 it is SiLU, in one kernel
+        silu = f"/{prefix}/mlp/act_fn/QuickGelu/output_0"
+        graph.node.append(helper.make_node("QuickGelu", [gate], [silu], name=f"/{prefix}/mlp/act_fn/QuickGelu",
+                                           domain=g.MS_DOMAIN, alpha=1.0))
         pending = b.linear(b.node("Mul", [silu, up], f"/{prefix}/mlp/Mul"), packs["mlp.down_proj"],
                            f"{prefix}.mlp.down_proj", accuracy_level, _bias(mlp.down_proj.bias))
 

@@ -103,6 +103,8 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
             shutil.copy2(checkpoint_dir / name, out_dir / name)
     files = sorted(p.name for p in out_dir.iterdir() if p.is_file())
     return {"format": "onnx-genai", "exporter": "onnx-genai", "architecture": arch, "builder_options": options,
+            # the builder's CPU default is 4 (int8 activations; seen on every MatMulNBits it writes)
+            "accuracy_level": 4 if accuracy_level is None else accuracy_level,
             "embeddings": "int4" if quantize_embeddings else "float", "files": files,
             "size_bytes": sum((out_dir / f).stat().st_size for f in files)}
 

@@ -17,9 +17,12 @@ from kd2edge.cli_common import emit, info, json_option, profile_option
               help="Backend. [default: the profile's runtime.exporter]")
 @click.option("--quantize-embeddings", is_flag=True, default=None,
               help="Hold the embedding (and lm_head) in 4 bits too: smaller, slightly less exact.")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default=None,
+              help="MatMulNBits activations: 0 float (exact), 4 int8 (faster, logits ~1% off). "
+                   "[default: 0 for onnx, 4 for onnx-genai]")
 @click.option("--force", is_flag=True, help="Export again even if OUT is up to date.")
 @json_option
-def export(checkpoint, profile, out, exporter, quantize_embeddings, force, as_json):
+def export(checkpoint, profile, out, exporter, quantize_embeddings, accuracy_level, force, as_json):
     """Export a GPTQ CHECKPOINT (the quantize stage's output) to ONNX with a KV cache.
 
     Checks the exported logits against the PyTorch model with the same weights
@@ -29,8 +32,9 @@ def export(checkpoint, profile, out, exporter, quantize_embeddings, force, as_js
     from kd2edge.config import load_config
     from kd2edge.pipeline import run_stage
 
-    config = load_config(profile=profile, overrides={"export.exporter": exporter,
-                                                      "export.quantize_embeddings": quantize_embeddings})
+    config = load_config(profile=profile, overrides={
+        "export.exporter": exporter, "export.quantize_embeddings": quantize_embeddings,
+        "export.accuracy_level": None if accuracy_level is None else int(accuracy_level)})
     path = Path(checkpoint)
     source = Artifact.load(path) if (path / MANIFEST).is_file() else Artifact.external(path, kind="gptq")
     info(f"exporting {path} with {config.export.exporter} -> {out}")

@@ -29,6 +29,13 @@ class ParityReport:
     diffs: dict[str, float] = field(default_factory=dict)
     prompts: int = 0
     decode_steps: int = 0
+    top1_same: int = 0          # positions whose argmax token agrees
+    top1_total: int = 0
+
+    @property
+    def top1_agreement(self) -> float:
+        """Fraction of compared positions where ONNX and PyTorch pick the same greedy token."""
+        return self.top1_same / self.top1_total if self.top1_total else 1.0
 
     @property
     def max_abs_diff(self) -> float:
@@ -41,10 +48,16 @@ class ParityReport:
         diff = float(np.abs(onnx_value.astype(np.float64) - torch_value.astype(np.float64)).max())
         self.diffs[name] = max(diff, self.diffs.get(name, 0.0))
 
+    def add_logits(self, name: str, onnx_logits: np.ndarray, torch_logits: np.ndarray) -> None:
+        """`add` for [positions, vocab] logits, also counting greedy-token agreement."""
+        self.add(name, onnx_logits, torch_logits)
+        self.top1_same += int((onnx_logits.argmax(-1) == torch_logits.argmax(-1)).sum())
+        self.top1_total += int(onnx_logits.shape[0])
+
     def to_dict(self) -> dict:
         worst = sorted(self.diffs.items(), key=lambda kv: -kv[1])[:5]
         return {"max_abs_diff": self.max_abs_diff, "prompts": self.prompts, "decode_steps": self.decode_steps,
-                "worst": dict(worst)}
+                "top1_agreement": round(self.top1_agreement, 4), "worst": dict(worst)}
 
 
 def check_parity(artifact_dir: Path, reference, prompts: Sequence[Sequence[int]] | None = None,
@@ -78,14 +91,14 @@ def check_parity(artifact_dir: Path, reference, prompts: Sequence[Sequence[int]]
         onnx_logits = lm.forward(list(ids), cache)
         with torch.no_grad():
             out = reference(torch.tensor([list(ids)]), use_cache=True)
-        report.add("prefill/logits", onnx_logits, out.logits[0].float().numpy())
+        report.add_logits("prefill/logits", onnx_logits, out.logits[0].float().numpy())
         _compare_cache(report, "prefill", lm, cache, out.past_key_values)
         past, token = out.past_key_values, int(out.logits[0, -1].argmax())
         for step in range(1, decode_steps + 1):
             onnx_logits = lm.forward([token], cache)
             with torch.no_grad():
                 out = reference(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            report.add(f"decode_{step}/logits", onnx_logits, out.logits[0].float().numpy())
+            report.add_logits(f"decode_{step}/logits", onnx_logits, out.logits[0].float().numpy())
             past, token = out.past_key_values, int(out.logits[0, -1].argmax())
         _compare_cache(report, f"decode_{decode_steps}", lm, cache, past)
     bad = {k: v for k, v in report.diffs.items() if k.endswith("/logits") and v > atol}

@@ -24,17 +24,21 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
 
     section = config.export
     started = time.perf_counter()
-    meta = EXPORTERS[section.exporter](input_artifact.path, out_dir, quantize_embeddings=section.quantize_embeddings)
+    meta = EXPORTERS[section.exporter](input_artifact.path, out_dir, quantize_embeddings=section.quantize_embeddings,
+                                       accuracy_level=section.accuracy_level)
     exported = time.perf_counter()
     reference, _ = load_dequantized_model(input_artifact.path)
     if meta.get("embeddings", "").startswith("int4-rtn"):
         quantize_embeddings_rtn(reference)   # the same extra rounding the graph holds
-    report = check_parity(out_dir, reference, decode_steps=section.parity_decode_steps, atol=section.parity_atol,
+    # int8 activations (accuracy_level 4) are not exact: they get their own tolerance
+    atol = section.parity_atol_int8 if meta.get("accuracy_level") == 4 else section.parity_atol
+    report = check_parity(out_dir, reference, decode_steps=section.parity_decode_steps, atol=atol,
                           threads=config.profile.runtime.threads)
     done = time.perf_counter()
     files = meta.pop("files")
     metrics = {"size_bytes": meta.pop("size_bytes"), "parity_max_abs_diff": report.max_abs_diff,
-               "parity": report.to_dict(), **{k: v for k, v in meta.items() if k not in ("format", "exporter")}}
+               "parity": {**report.to_dict(), "atol": atol},
+               **{k: v for k, v in meta.items() if k not in ("format", "exporter")}}
     return write_artifact(out_dir, "export", config.stage_config("export"), input_artifact, metrics,
                           format=meta["format"], exporter=meta["exporter"], files=files,
                           timings={"export_s": round(exported - started, 3), "parity_s": round(done - exported, 3)})

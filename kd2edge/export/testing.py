@@ -36,12 +36,16 @@ def sharp_tiny_model_dir(folder: str | Path, arch: str = "llama", seed: int = 0)
 
 
 def tiny_gptq_checkpoint(folder: str | Path, arch: str = "llama", group_size: int = 32, act_order: bool = True,
-                         seed: int = 0) -> Path:
+                         seed: int = 0, shared_inputs: bool = False) -> Path:
     """A 4-bit GPTQ checkpoint of `sharp_tiny_model(arch, seed)`, written by kd2edge.quant.
 
     Each Linear of the decoder layers is quantized with GPTQ against a Hessian of
     random inputs whose features have unequal scales, so act-order really permutes
     the columns (non-contiguous g_idx). lm_head and embeddings stay float, as in GPTQ.
+    By default every Linear gets its own Hessian (q, k and v end up with different
+    act-order permutations); `shared_inputs` gives Linears that read the same
+    activations (q/k/v, gate/up) one Hessian, as real GPTQ calibration does, so
+    their permutations coincide.
     """
     import torch
 
@@ -51,13 +55,18 @@ def tiny_gptq_checkpoint(folder: str | Path, arch: str = "llama", group_size: in
     model, tokenizer = sharp_tiny_model(arch, seed)
     generator = torch.Generator().manual_seed(seed + 2)
     head = model.get_output_embeddings()
-    results = {}
+    results, hessians = {}, {}
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue
         k = module.in_features
-        x = torch.randn(k, 256, generator=generator) * torch.linspace(0.2, 2.0, k)[torch.randperm(k, generator=generator)][:, None]
-        results[name] = gptq_quantize_weight(module.weight.detach(), 2 * x @ x.T / 256, bits=4,
+        # q/k/v (and gate/up) sit in one parent module and read the same input
+        key = (name.rsplit(".", 1)[0], k, name.endswith(("o_proj", "down_proj"))) if shared_inputs else name
+        if key not in hessians:
+            x = (torch.randn(k, 256, generator=generator)
+                 * torch.linspace(0.2, 2.0, k)[torch.randperm(k, generator=generator)][:, None])
+            hessians[key] = 2 * x @ x.T / 256
+        results[name] = gptq_quantize_weight(module.weight.detach(), hessians[key], bits=4,
                                              group_size=group_size, act_order=act_order)
     write_gptq_checkpoint(model, tokenizer, results, folder, bits=4, group_size=group_size, desc_act=act_order,
                           sym=False)

@@ -1,0 +1,172 @@
+"""The fused Llama-family decoder: merged MatMulNBits, graph shape, parity, runtime, int8 activations."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+
+def _packed(N: int, K: int = 64, block: int = 32, perm=None, seed: int = 0) -> dict:
+    from exporters.matmulnbits import pack_nibbles
+
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 16, (N, K // block, block), dtype=np.uint8)
+    zeros = rng.integers(0, 16, (N, K // block), dtype=np.uint8)
+    return {"B": pack_nibbles(codes), "scales": rng.random(N * (K // block), dtype=np.float32),
+            "zero_points": pack_nibbles(zeros).reshape(-1), "perm": perm, "K": K, "N": N, "block_size": block}
+
+
+def test_concat_matmulnbits_is_the_column_concatenation():
+    from exporters.matmulnbits import concat_matmulnbits, dequantize_matmulnbits
+
+    # 3 blocks per column: zero points pack with one nibble of padding per column, which must not shift
+    parts = [_packed(5, K=96, seed=1), _packed(3, K=96, seed=2)]
+    merged = concat_matmulnbits(parts)
+    assert merged["N"] == 8 and merged["B"].shape == (8, 3, 16) and merged["zero_points"].shape == (8 * 2,)
+    weights = [dequantize_matmulnbits(p["B"], p["scales"], p["zero_points"], 96, p["N"], 32) for p in parts]
+    held = dequantize_matmulnbits(merged["B"], merged["scales"], merged["zero_points"], 96, 8, 32)
+    assert np.array_equal(held, np.hstack(weights))                    # (K, 5 + 3), no value changed
+
+
+def test_can_concat_needs_one_permutation():
+    from exporters.matmulnbits import can_concat, concat_matmulnbits
+
+    perm = np.arange(64)[::-1].copy()
+    assert can_concat([_packed(4, perm=perm), _packed(4, perm=perm.copy())])
+    assert not can_concat([_packed(4, perm=perm), _packed(4)])
+    assert not can_concat([_packed(4, perm=perm), _packed(4, perm=np.roll(perm, 1))])
+    assert not can_concat([_packed(4, block=32), _packed(4, block=16)])
+    with pytest.raises(ValueError, match="permutation"):
+        concat_matmulnbits([_packed(4, perm=perm), _packed(4)])
+
+
+def test_unsupported_reason():
+    from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    from exporters.fused import unsupported_reason
+
+    assert unsupported_reason(LlamaConfig()) is None
+    assert unsupported_reason(Qwen2Config()) is None
+    assert unsupported_reason(MistralConfig(sliding_window=None)) is None
+    assert unsupported_reason(MistralConfig(sliding_window=4096, max_position_embeddings=32768)) == \
+        "sliding-window attention"
+    assert unsupported_reason(Qwen2Config(use_sliding_window=True, sliding_window=64)) == "sliding-window attention"
+    assert unsupported_reason(LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})) == \
+        "rope_type dynamic"
+    assert unsupported_reason(LlamaConfig(hidden_act="gelu")) == "activation gelu"
+    assert unsupported_reason(GPTNeoXConfig()) == "model_type gpt_neox"
+
+
+@pytest.fixture(scope="module")
+def shared_checkpoints(tmp_path_factory):
+    """Act-order checkpoints whose q/k/v and gate/up share a Hessian (so a permutation), as real GPTQ gives."""
+    from kd2edge.export.testing import tiny_gptq_checkpoint
+
+    root = tmp_path_factory.mktemp("gptq_shared")
+    return {arch: tiny_gptq_checkpoint(root / arch, arch, shared_inputs=True) for arch in ("llama", "qwen2")}
+
+
+def _ops(folder) -> collections.Counter:
+    import onnx
+
+    return collections.Counter(n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_graph_merges_shared_projections_and_matches_pytorch(shared_checkpoints, tmp_path, arch):
+    from exporters.optimum_onnx import export
+    from kd2edge.export.parity import check_parity
+    from kd2edge.quant.checkpoint import load_dequantized_model, read_gptq_tensors
+
+    meta = export(shared_checkpoints[arch], tmp_path / "out")
+    layers = read_gptq_tensors(shared_checkpoints[arch])
+    assert meta["graph"] == "fused" and meta["fallback_reason"] is None
+    assert meta["act_order_layers"] == len(layers) == 14 and meta["merged_qkv_layers"] == 2
+    ops = _ops(tmp_path / "out")
+    # per layer: q|k|v, o, gate|up, down; one act-order Gather per distinct input (qkv, o, gate/up, down)
+    assert ops["MatMulNBits"] == 2 * 4 and ops["GroupQueryAttention"] == 2 and ops["Split"] == 2
+    assert ops["Gather"] == 2 * 4 + 2                                  # + the embedding, the mask width
+    assert ops["SkipSimplifiedLayerNormalization"] == 4 and ops["SimplifiedLayerNormalization"] == 1
+    assert "Softmax" not in ops and ops["MatMul"] == 1                 # attention fused; the float lm_head
+    assert ops["Add"] == (2 if arch == "qwen2" else 0)                 # qwen2's q|k|v bias
+    reference, _ = load_dequantized_model(shared_checkpoints[arch])
+    report = check_parity(tmp_path / "out", reference, decode_steps=3, atol=1e-3)
+    assert report.max_abs_diff < 1e-3 and report.top1_agreement == 1.0
+    assert {"prefill/logits", "decode_3/logits", "prefill/present.1.key", "decode_3/present.1.value"} <= set(report.diffs)
+
+
+def test_fused_graph_keeps_separate_permutations_apart(tmp_path):
+    """q, k, v with different act-order permutations: three Gathers + MatMulNBits, GQA with separate inputs."""
+    from exporters.optimum_onnx import export
+    from kd2edge.export.parity import check_parity
+    from kd2edge.export.testing import tiny_gptq_checkpoint
+    from kd2edge.quant.checkpoint import load_dequantized_model
+
+    checkpoint = tiny_gptq_checkpoint(tmp_path / "ckpt", "llama", act_order=True, shared_inputs=False)
+    meta = export(checkpoint, tmp_path / "out")
+    assert meta["graph"] == "fused" and meta["merged_qkv_layers"] == 0
+    ops = _ops(tmp_path / "out")
+    assert ops["MatMulNBits"] == 14 and ops["Gather"] == 14 + 2 and ops["GroupQueryAttention"] == 2
+    reference, _ = load_dequantized_model(checkpoint)
+    assert check_parity(tmp_path / "out", reference, decode_steps=2, atol=1e-3).max_abs_diff < 1e-3
+
+
+def test_fused_runtime_greedy_equals_pytorch_and_chunked_prefill(shared_checkpoints, tmp_path):
+    import torch
+
+    from exporters.optimum_onnx import export
+    from kd2edge.quant.checkpoint import load_dequantized_model
+    from kd2edge.runtime import OnnxLM
+
+    export(shared_checkpoints["qwen2"], tmp_path / "out")
+    lm = OnnxLM.load(tmp_path / "out", threads=1)
+    ids = lm.encode(lm.format_prompt("¿Quién fundó Brimor?"))
+    model, tokenizer = load_dequantized_model(shared_checkpoints["qwen2"])
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+    assert lm.generate(ids, 20).tokens == ref and len(set(ref)) > 3
+    # a second multi-token chunk after a filled cache (GroupQueryAttention's "subsequent prompt")
+    whole = lm.forward(ids, lm.new_cache())
+    cache = lm.new_cache()
+    first = lm.forward(ids[:7], cache)
+    rest = lm.forward(ids[7:], cache)
+    np.testing.assert_allclose(np.concatenate([first, rest]), whole, atol=1e-4)
+
+
+def test_quantized_embeddings_in_the_fused_graph(shared_checkpoints, tmp_path):
+    from exporters.optimum_onnx import export, quantize_embeddings_rtn
+    from kd2edge.export.parity import check_parity
+    from kd2edge.quant.checkpoint import load_dequantized_model
+
+    meta = export(shared_checkpoints["llama"], tmp_path / "out", quantize_embeddings=True)
+    assert meta["graph"] == "fused" and meta["embeddings"] == "int4-rtn-block32" and meta["tied_embeddings"]
+    ops = _ops(tmp_path / "out")
+    assert ops["GatherBlockQuantized"] == 1 and ops["MatMulNBits"] == 2 * 4 + 1 and "MatMul" not in ops
+    reference, _ = load_dequantized_model(shared_checkpoints["llama"])
+    quantize_embeddings_rtn(reference)
+    assert check_parity(tmp_path / "out", reference, decode_steps=2, atol=1e-3).max_abs_diff < 1e-3
+
+
+def test_int8_activations_stage_uses_its_own_tolerance(shared_checkpoints, tmp_path):
+    import onnx
+
+    from kd2edge.artifacts import Artifact
+    from kd2edge.config import load_config
+    from kd2edge.pipeline import run_stage
+
+    config = load_config(profile="laptop-cpu", overrides={"export.accuracy_level": 4,
+                                                          "export.parity_decode_steps": 2})
+    result = run_stage("export", config, Artifact.external(shared_checkpoints["llama"], kind="gptq"),
+                       tmp_path / "export")
+    metrics = result.artifact.manifest["metrics"]
+    assert metrics["accuracy_level"] == 4 and metrics["graph"] == "fused"
+    assert metrics["parity"]["atol"] == config.export.parity_atol_int8
+    # int8 activations are not exact, but close: the logits move, the greedy tokens barely
+    assert 1e-4 < metrics["parity_max_abs_diff"] < config.export.parity_atol_int8
+    assert metrics["parity"]["top1_agreement"] >= 0.9
+    graph = onnx.load(str(tmp_path / "export" / "model.onnx"), load_external_data=False).graph
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
