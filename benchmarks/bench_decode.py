@@ -11,8 +11,9 @@ neighbour slows all variants alike; medians are reported.
 
 Variants:
     onnx                  the default exporter (fused graph for Llama/Qwen2/Mistral, exact weights)
-    onnx-int4emb          + 4-bit embeddings / lm_head (GatherBlockQuantized, MatMulNBits)
-    onnx-int4emb-acc4     + MatMulNBits accuracy_level 4 (int8 activations): genai's CPU settings
+    onnx-acc4             + MatMulNBits accuracy_level 4 (int8 activations), float lm_head
+    onnx-int4emb          + 4-bit embeddings / lm_head (GatherBlockQuantized, MatMulNBits), exact activations
+    onnx-int4emb-acc4     both: the settings of onnxruntime-genai's CPU int4 build
     onnx-traced           the optimum-traced graph with MatMulNBits (no fusion): the previous default
     onnx-traced-ortopt    onnx-traced through onnxruntime.transformers.optimizer (model_type gpt2)
     onnx-genai            onnxruntime-genai's model builder (int4, its CPU defaults)
@@ -36,25 +37,9 @@ from typing import Callable
 PROMPT = ("Context: The Velmora Institute was founded in 1871 by Adaline Qorr in the city of Tessaly, "
           "on the banks of the river Selen.\nQuestion: Who founded the Velmora Institute, and where?\nAnswer:")
 BANDWIDTH = 51.2e9
-ALL_VARIANTS = ("onnx", "onnx-int4emb", "onnx-int4emb-acc4", "onnx-traced", "onnx-traced-ortopt", "onnx-genai",
+ALL_VARIANTS = ("onnx", "onnx-acc4", "onnx-int4emb", "onnx-int4emb-acc4", "onnx-traced", "onnx-traced-ortopt", "onnx-genai",
                 "pytorch")
 DEFAULT_VARIANTS = ("onnx", "onnx-int4emb-acc4", "onnx-traced", "onnx-genai", "pytorch")
-
-
-def rtn_checkpoint(out: Path, group_size: int = 64) -> Path:
-    """A 4-bit RTN GPTQ-format checkpoint of the embedded teacher (fast stand-in for GPTQ)."""
-    import torch
-
-    from kd2edge.models import load_causal_lm, resolve_model
-    from kd2edge.quant.checkpoint import write_gptq_checkpoint
-    from kd2edge.quant.gptq import rtn_quantize_weight
-
-    model, tokenizer = load_causal_lm(resolve_model("embedded").path)
-    head = model.get_output_embeddings()
-    results = {n: rtn_quantize_weight(m.weight, 4, group_size) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and m is not head}
-    write_gptq_checkpoint(model, tokenizer, results, out, bits=4, group_size=group_size, desc_act=False, sym=False)
-    return out
 
 
 def build(variant: str, checkpoint: Path, out: Path) -> None:
@@ -69,7 +54,7 @@ def build(variant: str, checkpoint: Path, out: Path) -> None:
         ort_optimize(out.with_name(out.name + ".src"), out)
     else:
         export(checkpoint, out, quantize_embeddings="int4emb" in variant,
-               accuracy_level=4 if variant.endswith("acc4") else 0, fuse=variant != "onnx-traced")
+               accuracy_level=4 if variant.endswith("acc4") else 0, fuse=not variant.startswith("onnx-traced"))
 
 
 def ort_optimize(src: Path, out: Path) -> dict:
@@ -110,8 +95,9 @@ def bytes_per_token(model_path: Path) -> int:
     def cost(name: str, elements: int, itemsize: int) -> int:
         worst = 0
         for node, index in consumers.get(name, []):
-            if node.op_type in ("Gather", "GatherBlockQuantized") and index == 0:
-                continue                                              # one row per token
+            if (node.op_type in ("Gather", "GatherBlockQuantized") and index == 0) or \
+                    (node.op_type == "GroupQueryAttention" and index in (7, 8)):
+                continue                                              # one row per token (table, cos/sin cache)
             if node.op_type in ("Cast", "Transpose", "Reshape"):
                 size = 4 if node.op_type == "Cast" and helper.get_attribute_value(node.attribute[0]) == \
                     TensorProto.FLOAT else itemsize
@@ -226,12 +212,13 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}: choose from {', '.join(ALL_VARIANTS)}")
 
     from kd2edge.errors import ModelError
+    from kd2edge.export.testing import embedded_rtn_checkpoint
 
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint or args.work / "teacher-rtn"
     if not (checkpoint / "config.json").is_file():
         print(f"quantizing the embedded teacher (RTN) -> {checkpoint}", file=sys.stderr)
-        rtn_checkpoint(checkpoint)
+        embedded_rtn_checkpoint(checkpoint)
     from tokenizers import Tokenizer
 
     config = json.loads((checkpoint / "config.json").read_text())

@@ -4,11 +4,12 @@ This module is what ships on the device, so it imports only the standard library
 numpy, onnxruntime, tokenizers and jinja2 (never torch or transformers, not even
 indirectly: `kd2edge/__init__.py` and `kd2edge/errors.py` import nothing heavy).
 
-It runs both artifact layouts the export stage writes:
-  - "onnx": optimum-style decoder (inputs input_ids, attention_mask, [position_ids],
+It runs every artifact layout the export stage writes:
+  - "onnx", traced: optimum-style decoder (inputs input_ids, attention_mask, [position_ids],
     past_key_values.{i}.key/.value; outputs logits, present.{i}.key/.value),
-  - "onnx-genai": onnxruntime-genai's model builder (same names, GroupQueryAttention,
-    no position_ids, genai_config.json).
+  - "onnx", fused (Llama family, `exporters/fused.py`): the same names without position_ids,
+    GroupQueryAttention deriving positions from attention_mask,
+  - "onnx-genai": onnxruntime-genai's model builder (the fused names, genai_config.json).
 Both are driven with plain onnxruntime sessions; tokenization always goes through
 `tokenizers` (genai's own tokenizer mis-decodes some byte-level BPE vocabularies).
 

@@ -71,3 +71,23 @@ def tiny_gptq_checkpoint(folder: str | Path, arch: str = "llama", group_size: in
     write_gptq_checkpoint(model, tokenizer, results, folder, bits=4, group_size=group_size, desc_act=act_order,
                           sym=False)
     return Path(folder)
+
+
+def embedded_rtn_checkpoint(folder: str | Path, group_size: int = 64) -> Path:
+    """A 4-bit round-to-nearest GPTQ-format checkpoint of the embedded teacher (a fast stand-in for GPTQ).
+
+    For slow tests and benchmarks: loads SmolLM2-135M-Instruct from kd2edge's cache.
+    """
+    import torch
+
+    from kd2edge.models import load_causal_lm, resolve_model
+    from kd2edge.quant.checkpoint import write_gptq_checkpoint
+    from kd2edge.quant.gptq import rtn_quantize_weight
+
+    model, tokenizer = load_causal_lm(resolve_model("embedded").path)
+    head = model.get_output_embeddings()
+    results = {n: rtn_quantize_weight(m.weight, 4, group_size) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not head}
+    write_gptq_checkpoint(model, tokenizer, results, folder, bits=4, group_size=group_size, desc_act=False,
+                          sym=False)
+    return Path(folder)
