@@ -209,6 +209,9 @@ def write_gptq_checkpoint(model, tokenizer, results: dict[str, GPTQResult], out_
     config.update(quantization_config=qcfg, torch_dtype=dtype, dtype=dtype)
     # save_pretrained fills this in; readers (onnxruntime-genai's builder) dispatch on it.
     config["architectures"] = config.get("architectures") or [type(model).__name__]
+    # Where the model was loaded from is no property of the checkpoint, and would make two
+    # identical quantizations hash differently.
+    config.pop("_name_or_path", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
     (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n", encoding="utf-8")
     if getattr(model, "generation_config", None) is not None:
