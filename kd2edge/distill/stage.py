@@ -20,7 +20,7 @@ from kd2edge.artifacts import Artifact, work_dir, write_artifact
 from kd2edge.config import RunConfig
 from kd2edge.errors import ConfigError, ModelError, StageError
 
-CALIBRATION_ITEMS = 16   # prompts used to measure block influence
+CALIBRATION_ITEMS = 32   # prompts used to measure block influence
 
 
 def plan_for(config: RunConfig, teacher_path: Path) -> dict:
