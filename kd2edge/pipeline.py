@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -76,10 +77,23 @@ def run_stage(name: str, config: RunConfig, input_artifact: Artifact | None, out
         work = tmp.parent / f".{out_dir.name}.work"
         _reset_work_dir(work, fp)
         artifact = stage.run(config, input_artifact, tmp)
+        _fault_injection_pause(name)
         manifest = dict(artifact.manifest, fingerprint=fp,
                         timings={**artifact.manifest.get("timings", {}), "total_s": round(time.perf_counter() - started, 3)})
         write_json_atomic(tmp / MANIFEST, manifest)
     return StageResult(name, "done", Artifact.load(out_dir), time.perf_counter() - started)
+
+
+# Fault injection for the interruption tests: pause a stage after it has written its output
+# into the partial folder but before that folder is committed, the moment at which an
+# interruption is most tempting to trust. Never set in normal use.
+PAUSE_ENV = "KD2EDGE_TEST_PAUSE_IN_STAGE"
+
+
+def _fault_injection_pause(stage: str) -> None:
+    if os.environ.get(PAUSE_ENV) == stage:
+        print(f"kd2edge: paused in the {stage} stage ({PAUSE_ENV})", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get("KD2EDGE_TEST_PAUSE_S", "60")))
 
 
 def make_run_dir(out_dir: Path) -> None:
