@@ -23,7 +23,10 @@ def test_embedded_teacher_fused_export_is_exact(tmp_path):
     assert report.max_abs_diff < 1e-2 and report.top1_agreement == 1.0
     lm = OnnxLM.load(tmp_path / "out")
     ids = lm.encode(lm.format_prompt("Who founded the Velmora Institute?"))
+    prompt = torch.tensor([ids])
     with torch.no_grad():
-        ref = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+        # an explicit mask: SmolLM2's pad id is <|im_end|>, which the chat prompt holds, and generate would
+        # otherwise infer a mask that hides those tokens
+        ref = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
     assert lm.generate(ids, 24).tokens == ref
