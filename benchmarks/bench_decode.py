@@ -188,6 +188,7 @@ def plot(results: dict, path: Path) -> None:
     ax.barh(names, [results[n]["decode_tok_s"] for n in names], color="tab:blue")
     for y, n in enumerate(names):
         ax.text(results[n]["decode_tok_s"], y, f" {results[n]['decode_tok_s']:.1f}", va="center")
+    ax.set_xlim(0, 1.15 * max(results[n]["decode_tok_s"] for n in names))
     ax.invert_yaxis()
     ax.set_xlabel("decode tokens/s (median, interleaved runs)")
     fig.tight_layout()

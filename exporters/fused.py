@@ -58,6 +58,16 @@ def unsupported_reason(config) -> str | None:
     return None
 
 
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def unquantized_projections(num_layers: int, layers: dict) -> list[str]:
+    """The decoder projections the fused graph needs in 4 bits that `layers` lacks (a partly quantized checkpoint)."""
+    return [f"model.layers.{i}.{p}" for i in range(num_layers) for p in PROJECTIONS
+            if f"model.layers.{i}.{p}" not in layers]
+
+
 def rotary_caches(model, positions: int) -> tuple[np.ndarray, np.ndarray]:
     """GroupQueryAttention's cos/sin caches, float32 [positions, head_dim / 2], from the model's own rotary module.
 
@@ -137,7 +147,7 @@ def build_fused_decoder(model, layers: dict, vocab_q: dict, accuracy_level: int)
          nbits_weight_max_abs_diff, tied_embeddings).
 
     Raises:
-        KeyError: a projection of some layer is not in `layers` (not a fully quantized checkpoint).
+        KeyError: a projection of some layer is not in `layers` (check `unquantized_projections` first).
     """
     from onnx import TensorProto, helper
 
@@ -195,8 +205,7 @@ def build_fused_decoder(model, layers: dict, vocab_q: dict, accuracy_level: int)
         prefix = f"model.layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
         packs = {}
-        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for part in PROJECTIONS:
             name = f"{prefix}.{part}"
             packs[part] = pack_gptq_layer(layers[name])
             module = model.get_submodule(name)

@@ -111,7 +111,7 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
     """
     import onnx
 
-    from exporters.fused import build_fused_decoder, unsupported_reason
+    from exporters.fused import build_fused_decoder, unquantized_projections, unsupported_reason
     from kd2edge.quant.checkpoint import (is_gptq_checkpoint, load_dequantized_model, read_gptq_tensors,
                                           read_quantization_config)
 
@@ -126,6 +126,8 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
     model, tokenizer = load_dequantized_model(checkpoint_dir)
     vocab_q = quantize_embeddings_rtn(model) if quantize_embeddings else {}
     reason = unsupported_reason(model.config) if fuse else "fuse=False"
+    if reason is None and unquantized_projections(model.config.num_hidden_layers, layers):
+        reason = f"float projections ({unquantized_projections(model.config.num_hidden_layers, layers)[0]}, ...)"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".trace-", dir=out_dir) as tmp:
         if reason is None:

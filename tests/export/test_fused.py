@@ -170,3 +170,14 @@ def test_int8_activations_stage_uses_its_own_tolerance(shared_checkpoints, tmp_p
     graph = onnx.load(str(tmp_path / "export" / "model.onnx"), load_external_data=False).graph
     levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {4}
+
+
+def test_unquantized_projections():
+    from exporters.fused import unquantized_projections
+
+    layers = {f"model.layers.{i}.{p}": None for i in range(2) for p in
+              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")}
+    assert unquantized_projections(2, layers) == []
+    del layers["model.layers.1.mlp.up_proj"]
+    assert unquantized_projections(2, layers) == ["model.layers.1.mlp.up_proj"]
