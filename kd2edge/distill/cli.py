@@ -9,6 +9,8 @@ import click
 from kd2edge.cli_common import config_option, emit, info, json_option, profile_option, table
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "none")
+DATA_METHODS = ("answer", "rationale", "critique-revision")   # as kd2edge.reasoning.generate (kept light here)
+TRAIN_METHODS = ("answer", "rationale", "multitask")        # as kd2edge.reasoning.methods
 
 
 def _plan_summary(result: dict) -> str:
@@ -60,8 +62,17 @@ def _distill_summary(metrics: dict) -> str:
         lines.append(f"kept layers {s['layers_kept']}")
     if metrics.get("kd_loss_first") is not None:
         lines.append(f"KD loss {metrics['kd_loss_first']:.3f} -> {metrics['kd_loss_last']:.3f}")
+    r = metrics.get("reasoning")
+    if r:
+        lines.append(f"{r['data_method']} data: kept {r['kept']} of {r['items']} teacher outputs "
+                     f"(keep={r['keep']}), {r['pairs']} {r['train_method']} training pairs")
+    g = metrics.get("grpo")
+    if g:
+        lines.append(f"GRPO {len(g)} steps: reward {g[0]['reward']:.3f} -> {g[-1]['reward']:.3f}, "
+                     f"F1 after KD {metrics['grpo_info']['f1_after_kd']:.3f}")
     lines.append(f"validation F1 {metrics['f1_before']:.3f} -> {metrics['f1_after']:.3f}, "
-                 f"EM {metrics['em_before']:.3f} -> {metrics['em_after']:.3f} (n={metrics['eval']['n']})")
+                 f"EM {metrics['em_before']:.3f} -> {metrics['em_after']:.3f} (n={metrics['eval']['n']}"
+                 f"{', asked as trained: ' + metrics['train_method'] if metrics.get('train_method', 'answer') != 'answer' else ''})")
     return "\n".join(lines)
 
 
@@ -78,11 +89,21 @@ def _distill_summary(metrics: dict) -> str:
 @click.option("--data", default=None, help="Training data: 'embedded', a hub id, or a SQuAD JSON / JSONL file.")
 @click.option("--shots", type=click.IntRange(0, 1), default=None, help="Zero- or one-shot training prompts.")
 @click.option("--sequence-kd/--no-sequence-kd", default=None, help="Train on the teacher's own answers.")
+@click.option("--data-method", type=click.Choice(DATA_METHODS), default=None,
+              help="What the teacher writes to train on: 'answer' (gold answers, or the teacher's with "
+                   "--sequence-kd), 'rationale' (a rationale then the answer), or 'critique-revision'. [default: answer]")
+@click.option("--train-method", type=click.Choice(TRAIN_METHODS), default=None,
+              help="What the student learns from rationale data: the answer, rationale-then-answer, or both as "
+                   "two tasks (distilling step-by-step). [default: answer]")
+@click.option("--keep", type=click.Choice(("correct", "all")), default=None,
+              help="Teacher outputs trained on: right answers only, or every usable one. [default: correct]")
+@click.option("--grpo-steps", type=click.IntRange(min=0), default=None,
+              help="GRPO steps on correctness + format rewards after KD (needs --train-method rationale). [default: 0]")
 @click.option("--seed", type=int, default=None)
 @click.option("--force", is_flag=True, help="Rerun even if the output is up to date.")
 @json_option
 def distill(teacher, profile, config_file, out, student, steps, loss, temperature, kd_ratio, data, shots,
-            sequence_kd, seed, force, as_json):
+            sequence_kd, data_method, train_method, keep, grpo_steps, seed, force, as_json):
     """Distill a student from a teacher (resumable: rerun the same command after a stop)."""
     from kd2edge.config import load_config
     from kd2edge.models import resolve_model
@@ -90,7 +111,8 @@ def distill(teacher, profile, config_file, out, student, steps, loss, temperatur
 
     overrides = {"teacher": teacher, "data": data, "seed": seed, "distill.student": student, "distill.steps": steps,
                  "distill.loss": loss, "distill.temperature": temperature, "distill.kd_ratio": kd_ratio,
-                 "distill.shots": shots, "distill.sequence_kd": sequence_kd}
+                 "distill.shots": shots, "distill.sequence_kd": sequence_kd, "distill.data_method": data_method,
+                 "distill.train_method": train_method, "distill.keep": keep, "distill.grpo_steps": grpo_steps}
     config = load_config(config_file, profile=profile, overrides=overrides)
     info(f"distill: teacher {config.teacher}, profile {config.profile.name}, output {out}")
     result = run_stage("distill", config, resolve_model(config.teacher), Path(out), force=force)

@@ -35,10 +35,26 @@ class DistillConfig:
     train_limit: int | None = field(default=None, metadata=rule(min=1))
     eval_limit: int | None = field(default=32, metadata=rule(min=1))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # Issue #9 (kd2edge.reasoning). "answer" is the gold / teacher-answer path above (unchanged);
+    # "rationale" and "critique-revision" have the teacher write "Rationale: ... Answer: ..." first.
+    data_method: Literal["answer", "rationale", "critique-revision"] = "answer"
+    # What the student learns from that data: the answer, rationale-then-answer, or both as two tasks.
+    train_method: Literal["answer", "rationale", "multitask"] = "answer"
+    keep: Literal["correct", "all"] = "correct"   # teacher outputs kept: right answers only, or all usable ones
+    grpo_steps: int = field(default=0, metadata=rule(min=0, max=1_000_000, help="GRPO steps after KD (0: none)"))
 
     def problems(self) -> list[str]:
         out = []
         if self.loss == "jsd" and not 0.0 < self.jsd_beta < 1.0:
             out.append(f"jsd_beta: {self.jsd_beta} must lie strictly between 0 and 1 for loss 'jsd' "
                        "(beta 0 or 1 is forward_kl or reverse_kl)")
+        if self.data_method == "answer" and self.train_method != "answer":
+            out.append(f"train_method: {self.train_method!r} needs rationales; set data_method to 'rationale' or "
+                       "'critique-revision', or train_method to 'answer'")
+        if self.sequence_kd and self.data_method != "answer":
+            out.append(f"sequence_kd: the teacher already writes the targets with data_method "
+                       f"{self.data_method!r}; drop sequence_kd or set data_method to 'answer'")
+        if self.grpo_steps and self.train_method != "rationale":
+            out.append(f"grpo_steps: GRPO samples the rationale prompt, which a student trained with train_method "
+                       f"{self.train_method!r} never saw; set train_method to 'rationale' or grpo_steps to 0")
         return out

@@ -6,6 +6,14 @@ Order of work (cheap checks first, so bad input fails in seconds):
 3. load the teacher, build the student (block-influence layer pruning), score it before training;
 4. cache the teacher's answer-position logits (and, with sequence KD, its answers) in the work dir;
 5. train (resuming from the work dir's checkpoint), score again, save, check the saved copy reloads.
+
+Issue #9 (kd2edge.reasoning), with `data_method` other than "answer": right after the
+teacher loads, it writes "Rationale: ... Answer: ..." (or draft -> critique -> revision)
+for the training items, filtered by correctness (cached in the work dir, copied to
+teacher_data.jsonl); `train_method` turns the kept records into (prompt, target) pairs
+(answer, rationale-then-answer, or both as two tasks with lambda = 1) and the KD losses
+apply unchanged on the target tokens. With `grpo_steps`, GRPO on correctness + format
+rewards follows KD. The student is scored as it will be asked (`eval_prompt`).
 """
 
 from __future__ import annotations
@@ -13,14 +21,20 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import shutil
 import time
 from pathlib import Path
 
 from kd2edge.artifacts import Artifact, work_dir, write_artifact
 from kd2edge.config import RunConfig
-from kd2edge.errors import ConfigError, ModelError, StageError
+from kd2edge.errors import ConfigError, DataError, ModelError, StageError
 
 CALIBRATION_ITEMS = 32   # prompts used to measure block influence
+TEACHER_MAX_NEW_TOKENS = 160   # rationale (or draft/critique/revision) length limit, as `kd2edge generate-data`
+MIN_ANSWER_SCORE = 0.5   # a teacher answer counts as right at F1 / Rouge-L >= this (choice: exact)
+TEACHER_RECORDS = "teacher_records.jsonl"
+GRPO_WEIGHTS = {"correctness": 1.0, "format": 0.2}
+GRPO_GENERATIONS, GRPO_MAX_NEW_TOKENS, GRPO_LR = 4, 64, 1e-6
 
 
 def plan_for(config: RunConfig, teacher_path: Path) -> dict:
@@ -85,11 +99,14 @@ def _external_student(spec: str, teacher_tokenizer, teacher_params: int, teacher
     return model, artifact
 
 
-def _score(model, tokenizer, evalset, max_new_tokens: int, desc: str) -> dict:
-    """EM/F1 of `model` on the evaluation prompts (greedy), as the evaluate stage scores."""
-    from kd2edge.evaluate.evaluator import TorchBackend, run_items, summarize
+def _score(model, tokenizer, evalset, max_new_tokens: int, desc: str, method: str = "answer") -> dict:
+    """EM/F1 of `model` on the evaluation prompts (greedy), as the evaluate stage scores a student
+    trained with `method` (asked with `eval_prompt`, read with `read_answer`)."""
+    from kd2edge.evaluate.evaluator import TorchBackend, summarize
+    from kd2edge.reasoning.evaluation import run_method_items
 
-    records = run_items(TorchBackend(model, tokenizer), evalset, max_new_tokens, mode="generate", desc=desc)
+    records = run_method_items(TorchBackend(model, tokenizer), evalset, method, max_new_tokens, mode="generate",
+                               desc=desc)
     summary = summarize(records, evalset.task)
     return {"em": round(summary["em"], 4), "f1": round(summary["f1"], 4), "n": summary["n"]}
 
@@ -101,6 +118,58 @@ def _cached(path: Path, compute):
     value = compute()
     path.write_text(json.dumps(value), encoding="utf-8")
     return value
+
+
+def teacher_records(teacher, tokenizer, items, method: str, keep: str, cache: Path, batch_size: int,
+                    progress: bool = True) -> list:
+    """The teacher's rationale records for `items`, generated once and kept in `cache` (the work dir).
+
+    A resumed run (same config: the pipeline clears the work dir when the config changes)
+    reads them back instead of generating again.
+
+    Returns:
+        One `kd2edge.reasoning.generate.TeacherRecord` per item, in order.
+
+    Raises:
+        DataError: critique-revision on items without gold answers.
+    """
+    from kd2edge.reasoning.generate import read_records, records_from_teacher, write_jsonl_atomic
+
+    if cache.is_file():
+        records = read_records(cache)
+        if [r.id for r in records] == [it.id for it in items] and all(r.method == method for r in records):
+            return records
+    records = records_from_teacher(teacher, tokenizer, items, method, keep, MIN_ANSWER_SCORE, TEACHER_MAX_NEW_TOKENS,
+                                   batch_size, progress)
+    write_jsonl_atomic(cache, (r.to_json() for r in records))
+    return records
+
+
+def grpo_after_kd(student, tokenizer, items, work: Path, steps: int, seed: int) -> tuple[object, dict]:
+    """GRPO on the KD student (`kd2edge.reasoning.grpo.run_grpo`), resumable through the work dir.
+
+    The KD student is saved to work/kd_student and GRPO writes work/grpo; a resumed run
+    whose GRPO already finished reads that folder back.
+
+    Returns:
+        (the GRPO-trained student, loaded in fp32 on the CPU, in eval mode; run_grpo's result).
+    """
+    from kd2edge.artifacts import Artifact
+    from kd2edge.errors import ArtifactError
+    from kd2edge.models import load_causal_lm
+    from kd2edge.reasoning.grpo import run_grpo
+
+    out = work / "grpo"
+    try:
+        result = {**Artifact.load(out, stage="grpo").metrics, "out_dir": str(out)}
+    except ArtifactError:   # not run yet, or interrupted: GRPO writes its folder atomically
+        kd_dir = work / "kd_student"
+        student.save_pretrained(kd_dir, safe_serialization=True)
+        tokenizer.save_pretrained(kd_dir)
+        result = run_grpo(kd_dir, items, out, steps=steps, reward_weights=GRPO_WEIGHTS,
+                          num_generations=GRPO_GENERATIONS, max_new_tokens=GRPO_MAX_NEW_TOKENS, lr=GRPO_LR, seed=seed)
+    model, _ = load_causal_lm(out)
+    return model, result
 
 
 def write_loss_curves(history: list[dict], out_dir: Path) -> tuple[Path, Path]:
@@ -159,6 +228,9 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     from kd2edge.distill.train import collate, train_student
     from kd2edge.evaluate.evaluator import prepare
     from kd2edge.models import count_params, load_causal_lm
+    from kd2edge.reasoning.generate import summarize as summarize_records
+    from kd2edge.reasoning.generate import write_jsonl_atomic
+    from kd2edge.reasoning.methods import build_pairs
 
     d, out_dir = config.distill, Path(out_dir)
     timings: dict[str, float] = {}
@@ -177,12 +249,33 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     train_set = load_qa(config.data, "train", limit, config.seed)
     items = [it for it in train_set.items if it.gold]
     prompts = ddata.build_prompts(items, train_set.items, d.shots, config.seed)
-    examples, skipped = ddata.build_examples(tokenizer, items, prompts, [target_text(it) for it in items], d.max_length)
+    if d.data_method == "answer":
+        examples, skipped = ddata.build_examples(tokenizer, items, prompts, [target_text(it) for it in items],
+                                                 d.max_length)
+    elif not items:
+        raise DataError(f"{config.data} has no training item with a gold answer: choose a labelled dataset")
     evalset = prepare(config.evaluate.data or config.data, config.evaluate.split, config.evaluate.shots,
                       d.eval_limit, config.seed)
     timings["data_s"] = round(time.perf_counter() - t0, 3)
 
     teacher, _ = load_causal_lm(teacher_path)
+    reasoning = None
+    if d.data_method != "answer":
+        # The teacher writes the targets; a dataset where it writes no usable one fails here, before training.
+        t = time.perf_counter()
+        records = teacher_records(teacher, tokenizer, items, d.data_method, d.keep, work / TEACHER_RECORDS,
+                                  d.batch_size)
+        write_jsonl_atomic(out_dir / "teacher_data.jsonl", (r.to_json() for r in records))
+        prompt_of = {it.id: p for it, p in zip(items, prompts)}
+        pairs = build_pairs(records, d.train_method, prompt_fn=lambda item: prompt_of[item.id])
+        examples, skipped = ddata.build_examples(tokenizer, [p.item for p in pairs], [p.prompt for p in pairs],
+                                                 [p.target for p in pairs], d.max_length)
+        reasoning = {"data_method": d.data_method, "train_method": d.train_method, "keep": d.keep,
+                     "min_score": MIN_ANSWER_SCORE, "teacher_data": "teacher_data.jsonl",
+                     **summarize_records(records), "pairs": len(pairs),
+                     "pairs_by_task": {task: sum(p.task == task for p in pairs) for task in ("answer", "rationale")
+                                       if any(p.task == task for p in pairs)}}
+        timings["teacher_rationales_s"] = round(time.perf_counter() - t, 3)
     teacher_params = count_params(teacher)
     if d.student:
         student, student_artifact = _external_student(d.student, tokenizer, teacher_params, teacher_id)
@@ -215,8 +308,10 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     del teacher
 
     t = time.perf_counter()
+    method = d.train_method
     before = _cached(work / "score_before.json",
-                     lambda: _score(student, tokenizer, evalset, config.evaluate.max_new_tokens, "student before"))
+                     lambda: _score(student, tokenizer, evalset, config.evaluate.max_new_tokens, "student before",
+                                    method))
     timings["eval_before_s"] = round(time.perf_counter() - t, 3)
 
     torch.manual_seed(config.seed)
@@ -227,8 +322,23 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
                            work_dir=work, checkpoint_every=d.checkpoint_every, mixed_precision=d.mixed_precision)
     timings["train_s"] = round(result.seconds, 3)
 
+    grpo = None
+    if d.grpo_steps:
+        t = time.perf_counter()
+        after_kd = _cached(work / "score_after_kd.json",
+                           lambda: _score(student, tokenizer, evalset, config.evaluate.max_new_tokens,
+                                          "student after KD", method))
+        student, grpo = grpo_after_kd(student, tokenizer, items, work, d.grpo_steps, config.seed)
+        if grpo.get("plot"):
+            shutil.copy2(Path(grpo["out_dir"]) / grpo["plot"], out_dir / grpo["plot"])
+        grpo_info = {"weights": grpo["weights"], "warnings": grpo["warnings"], "plot": grpo.get("plot"),
+                     "num_generations": GRPO_GENERATIONS, "max_new_tokens": GRPO_MAX_NEW_TOKENS, "lr": GRPO_LR,
+                     "reload_max_abs_diff": grpo["reload_max_abs_diff"], "seconds": grpo["seconds"],
+                     "f1_after_kd": after_kd["f1"], "em_after_kd": after_kd["em"]}
+        timings["grpo_s"] = round(time.perf_counter() - t, 3)
+
     t = time.perf_counter()
-    after = _score(student, tokenizer, evalset, config.evaluate.max_new_tokens, "student after")
+    after = _score(student, tokenizer, evalset, config.evaluate.max_new_tokens, "student after", method)
     timings["eval_after_s"] = round(time.perf_counter() - t, 3)
 
     student.save_pretrained(out_dir, safe_serialization=True)
@@ -263,7 +373,14 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
                   "mixed_precision": result.mixed_precision, "topk_logits": d.topk_logits,
                   "sequence_kd": d.sequence_kd, "shots": d.shots},
         "reload_max_abs_diff": diff,
+        # How the evaluate stage must ask this student (kd2edge.reasoning.methods.eval_prompt).
+        "train_method": method,
     }
+    if reasoning is not None:
+        metrics["reasoning"] = reasoning
+    if grpo is not None:
+        metrics["grpo"] = grpo["steps"]
+        metrics["grpo_info"] = grpo_info
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     return write_artifact(out_dir, "distill", config.stage_config("distill"), input_artifact, metrics,
                           id=student_id, kind="model", timings=timings)

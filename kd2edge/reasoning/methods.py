@@ -2,7 +2,9 @@
 
 - "answer": answer-only fine-tuning on the teacher's answers. Prompt: the plain
   evaluation prompt (`kd2edge.data.prompts.build_prompt`, ends in "Answer:"); target:
-  " " + the teacher's answer.
+  " " + the teacher's answer (`answer_target`: for multiple choice the named choice's
+  text, as `kd2edge.data.prompts.target_text` and the evaluator's log-likelihood scoring
+  read it, not the letter the teacher was asked for).
 - "rationale": rationale then answer as one target. Prompt: the question block with a
   request to reason first, ending in "Rationale:" (`rationale_student_prompt`); target:
   " <rationale>\\nAnswer: <answer>". At test time the student is asked the same way and
@@ -16,8 +18,9 @@ The contract with the distill loop (`kd2edge.distill.data.build_examples`): a pa
 user prompt *before* the chat template and the continuation the student must produce
 (leading space, no EOS: the loop adds EOS and masks the prompt). Any logit KD loss
 applies unchanged on the target tokens, with the teacher run on the same prompt +
-target. In the multitask loss, L = L_answer + lambda * L_rationale (Hsieh et al.) is
-obtained by the loop weighting examples by `task` (the `weights` returned here).
+target. In the multitask loss, L = L_answer + lambda * L_rationale (Hsieh et al.): the
+distill stage feeds both examples of an item to its loop, which has no per-example
+weights, so lambda = 1 there; `task_weights` gives the weights for a loop that has them.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from kd2edge.data.items import QAItem
 from kd2edge.errors import DataError
 from kd2edge.reasoning.generate import (TeacherRecord, answer_kind, has_usable_rationale, item_from_dict,
                                         task_block)
-from kd2edge.reasoning.parsing import parse_rationale_answer
+from kd2edge.reasoning.parsing import choice_label, parse_rationale_answer
 
 TrainMethod = Literal["answer", "rationale", "multitask"]
 TRAIN_METHODS = ("answer", "rationale", "multitask")
@@ -61,6 +64,20 @@ def rationale_target(rationale: str, answer: str) -> str:
     return f" {rationale.strip()}\nAnswer: {answer.strip()}"
 
 
+def answer_target(item: QAItem, answer: str) -> str:
+    """The answer-task continuation: " " + the answer; a multiple-choice answer becomes its choice's text.
+
+    The plain path trains on " " + choice text and scores choices by their text's
+    log-likelihood, so a letter target ("B") would teach what the evaluator never reads.
+    An answer that names no choice (kept with keep="all") stays as written.
+    """
+    if item.task == "multiple_choice":
+        label = choice_label(answer, item.choice_labels, item.choices)
+        if label is not None:
+            return " " + item.choices[item.choice_labels.index(label)]
+    return " " + answer.strip()
+
+
 def _plain_prompt(item: QAItem) -> str:
     from kd2edge.data.prompts import build_prompt
 
@@ -73,7 +90,7 @@ def answer_pairs(records: Sequence[TeacherRecord], prompt_fn: Callable[[QAItem],
     out = []
     for r in records:
         item = item_from_dict(r.item)
-        out.append(TrainPair(prompt_fn(item), " " + r.answer.strip(), "answer", item))
+        out.append(TrainPair(prompt_fn(item), answer_target(item, r.answer), "answer", item))
     return out
 
 
@@ -100,7 +117,7 @@ def multitask_pairs(records: Sequence[TeacherRecord], prompt_fn: Callable[[QAIte
     for r in records:
         item = item_from_dict(r.item)
         prompt = prompt_fn(item)
-        out.append(TrainPair(answer_prefix + prompt, " " + r.answer.strip(), "answer", item))
+        out.append(TrainPair(answer_prefix + prompt, answer_target(item, r.answer), "answer", item))
         out.append(TrainPair(rationale_prefix + prompt, " " + r.rationale.strip(), "rationale", item))
     return out
 
