@@ -96,7 +96,7 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
             GatherBlockQuantized for the input embedding, MatMulNBits for lm_head (one
             shared matrix when tied).
         accuracy_level: MatMulNBits' accuracy_level (0: float32 activations, exact to the
-            dequantized weights; 4: int8 activations, faster, about 0.5% relative error).
+            dequantized weights; 4: int8 activations, faster, not exact).
         fuse: write the hand-fused graph (`exporters.fused`) for the Llama family; False
             (or another family) traces with optimum instead.
 

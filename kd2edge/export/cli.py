@@ -18,7 +18,8 @@ from kd2edge.cli_common import emit, info, json_option, profile_option
 @click.option("--quantize-embeddings", is_flag=True, default=None,
               help="Hold the embedding (and lm_head) in 4 bits too: smaller, slightly less exact.")
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default=None,
-              help="MatMulNBits activations: 0 float (exact), 4 int8 (faster, logits ~1% off). "
+              help="MatMulNBits activations: 0 float (exact), 4 int8 (faster, not exact: check the "
+                   "manifest's parity top1_agreement). "
                    "[default: 0 for onnx, 4 for onnx-genai]")
 @click.option("--force", is_flag=True, help="Export again even if OUT is up to date.")
 @json_option
