@@ -5,6 +5,16 @@ student (the distill output, run in PyTorch fp32) and the teacher (the distill s
 input). All three answer the same items with the same prompts; the deployed model runs
 through `kd2edge.runtime.OnnxLM` as it would on the device. The teacher's scores are
 cached (teacher hash + data + prompt settings) so a rerun of the pipeline reuses them.
+
+A student distilled with rationales (issue #9: the distill manifest's `train_method`
+"rationale" or "multitask") is asked as it was trained, student and deployed alike
+(`kd2edge.reasoning.evaluation.run_method_items`: `eval_prompt`, `read_answer`; a
+rationale student always generates, with a rationale-sized budget). The teacher keeps
+the plain prompt: retention is then "the deployed model used as trained, against the
+teacher used as it is", on the same items and metrics; the prompt, mode and budget
+each model got are recorded in `quality.prompts`. On multiple-choice data such a
+student and its deployed copy are also scored with and without a rationale in the
+prompt (`quality.rationale_eval`, issue #9 item 4).
 """
 
 from __future__ import annotations
@@ -34,14 +44,22 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
         DataError: the evaluation split is empty or unreadable.
         ModelError: a model in the lineage cannot be loaded.
     """
+    from kd2edge.reasoning.evaluation import (method_max_new_tokens, method_mode, rationale_comparison,
+                                              run_method_items)
+
     out_dir = Path(out_dir)
     ev = config.evaluate
     lineage = find_models(input_artifact)
+    method = student_train_method(lineage["student"])
     evalset = prepare(ev.data, ev.split, ev.shots, ev.limit, config.seed)
     settings = describe(evalset, ev.data, ev.mode, ev.max_new_tokens, config.seed, ev.limit)
     runtime = config.profile.runtime
+    # CommonsenseQA with and without rationales, for students that learnt to write them.
+    compare = method != "answer" and evalset.task == "multiple_choice" and all(
+        p.item.answer_key for p in evalset.prompts)
+    rationale_tokens = method_max_new_tokens("rationale", ev.max_new_tokens)
 
-    records, summaries, timings = {}, {}, {}
+    records, summaries, timings, rationale_eval = {}, {}, {}, {}
     for name in MODELS:
         started = time.perf_counter()
         if name == "teacher":
@@ -50,7 +68,13 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
         else:
             backend = (_torch_backend(lineage["student"].path) if name == "student"
                        else _onnx_backend(input_artifact.path, runtime.execution_providers, runtime.threads))
-            records[name] = run_items(backend, evalset, ev.max_new_tokens, ev.mode, desc=f"evaluate {name}")
+            records[name] = run_method_items(backend, evalset, method, ev.max_new_tokens, ev.mode,
+                                             desc=f"evaluate {name}")
+            if compare:
+                # A rationale student's outputs above are its answers to the rationale prompt: not generated twice.
+                reuse = [r["generation"] for r in records[name]] if method == "rationale" else None
+                rationale_eval[name] = rationale_comparison(backend, [p.item for p in evalset.prompts],
+                                                            rationale_tokens, ev.mode, rationale_outputs=reuse)
             del backend
             gc.collect()
         summaries[name] = _public(summarize(records[name], evalset.task))
@@ -59,6 +83,16 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     pred_dir = out_dir / "predictions"
     files = [str(write_predictions(records[n], pred_dir / f"{n}.jsonl").relative_to(out_dir)) for n in MODELS]
     quality = quality_metrics(settings, summaries, records)
+    quality["train_method"] = method
+    quality["prompts"] = {name: {"method": "answer" if name == "teacher" else method,
+                                 "mode": method_mode("answer" if name == "teacher" else method, settings["mode"]),
+                                 "max_new_tokens": ev.max_new_tokens if name == "teacher" else
+                                 method_max_new_tokens(method, ev.max_new_tokens),
+                                 "example": records[name][0]["prompt"]} for name in MODELS}
+    if rationale_eval:
+        files += [str(write_predictions(r.pop("records"), pred_dir / f"rationale_{n}.jsonl").relative_to(out_dir))
+                  for n, r in rationale_eval.items()]
+        quality["rationale_eval"] = {"max_new_tokens": rationale_tokens, **rationale_eval}
     limit = config.profile.budgets.min_retention
     value = quality["retention_f1"]
     budgets = {"min_retention": {"limit": limit, "value": value,
@@ -70,6 +104,22 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
                           models={"teacher": str(lineage["teacher"].path), "student": str(lineage["student"].path),
                                   "deployed": str(input_artifact.path)},
                           warnings=list(evalset.warnings))
+
+
+def student_train_method(student: Artifact) -> str:
+    """How the distilled student was trained (`train_method` in its distill manifest; "answer" if absent).
+
+    Raises:
+        ArtifactError: the manifest names a method this version does not know.
+    """
+    from kd2edge.reasoning.methods import TRAIN_METHODS
+
+    method = student.metrics.get("train_method") or \
+        (student.manifest.get("config") or {}).get("distill", {}).get("train_method", "answer")
+    if method not in TRAIN_METHODS:
+        raise ArtifactError(f"{student.path}: the distill manifest's train_method {method!r} is none of "
+                            f"{', '.join(TRAIN_METHODS)}: rerun the distill stage with this kd2edge version")
+    return method
 
 
 def find_models(export: Artifact) -> dict[str, Artifact]:
