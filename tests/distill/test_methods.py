@@ -203,12 +203,10 @@ def test_cli_flags(teacher, tmp_path, monkeypatch):
     from kd2edge.distill.cli import distill
 
     scripted_teacher(monkeypatch)
+    from kd2edge.config import dump_config
+
     config = tmp_path / "run.json"
-    nested: dict = {}
-    for key, value in FAST.items():
-        section, name = key.split(".")
-        nested.setdefault(section, {})[name] = value
-    config.write_text(json.dumps(nested))
+    config.write_text(dump_config(load_config(profile="laptop-cpu", overrides=FAST)))
     args = ["--teacher", str(teacher), "--config", str(config), "--out", str(tmp_path / "s"),
             "--data-method", "critique-revision", "--train-method", "multitask", "--keep", "all", "--json"]
     result = CliRunner().invoke(distill, args)
