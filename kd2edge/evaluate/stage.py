@@ -237,3 +237,36 @@ def plot_quality(summaries: dict[str, dict], path: Path) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path.name
+
+
+def evaluate_needs(teacher_params: int, student_params: int, deployed_bytes: int, items: int):
+    """Disk and peak memory of scoring teacher, student and deployed model (bytes).
+
+    The three models are loaded one after the other (each backend is dropped before the next),
+    so memory is the largest of: teacher in fp32 (4 B/param), student in fp32, the deployed
+    ONNX session (twice its size: weights and pre-packed copies). Disk: three predictions
+    files (at most 4 KiB per item each: prompt, prediction, references) and the plot.
+
+    Returns:
+        kd2edge.resources.Needs.
+    """
+    from kd2edge.resources import Needs
+
+    memory = max(4 * teacher_params, 4 * student_params, 2 * deployed_bytes)
+    return Needs(disk_bytes=3 * 4096 * items + 2**20, memory_bytes=memory)
+
+
+def estimate(config, input_artifact: Artifact):
+    """What evaluating `input_artifact`'s lineage needs (see evaluate_needs).
+
+    Raises:
+        ArtifactError: as `find_models`, before any model is loaded.
+    """
+    from kd2edge.quant.stage import stored_weights
+    from kd2edge.resources import folder_size
+
+    lineage = find_models(input_artifact)
+    teacher, _ = stored_weights(_model_folder(lineage["teacher"].path))
+    student, _ = stored_weights(_model_folder(lineage["student"].path))
+    # limit None scores the whole split: 10,000 items stands for "large" in the disk figure.
+    return evaluate_needs(teacher, student, folder_size(input_artifact.path), config.evaluate.limit or 10_000)

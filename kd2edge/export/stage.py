@@ -42,3 +42,32 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     return write_artifact(out_dir, "export", config.stage_config("export"), input_artifact, metrics,
                           format=meta["format"], exporter=meta["exporter"], files=files,
                           timings={"export_s": round(exported - started, 3), "parity_s": round(done - exported, 3)})
+
+
+def export_needs(total_params: int, checkpoint_bytes: int):
+    """Disk and peak memory of exporting one GPTQ checkpoint (bytes), an upper bound.
+
+    Disk: the traced path writes the dequantized model as an fp32 ONNX intermediate
+    (4 B/param) before packing it to 4 bits; the final artifact holds about the checkpoint's
+    bytes plus the embeddings in fp32 (counted as a second checkpoint's worth). Memory: the
+    dequantized fp32 PyTorch model twice (the exporter's and the parity reference, 8 B/param)
+    plus the onnxruntime session that checks parity (about the artifact's size).
+
+    Returns:
+        kd2edge.resources.Needs.
+    """
+    from kd2edge.resources import Needs
+
+    return Needs(disk_bytes=4 * total_params + 2 * checkpoint_bytes,
+                 memory_bytes=8 * total_params + 2 * checkpoint_bytes)
+
+
+def estimate(config: RunConfig, input_artifact: Artifact):
+    """What exporting `input_artifact` needs (see export_needs)."""
+    from kd2edge.quant.checkpoint import read_quantization_config
+    from kd2edge.quant.stage import stored_weights
+    from kd2edge.resources import folder_size
+
+    read_quantization_config(input_artifact.path)  # not a GPTQ checkpoint: the stage's own ArtifactError, first
+    total, _ = stored_weights(Path(input_artifact.path))
+    return export_needs(total, folder_size(input_artifact.path))

@@ -62,11 +62,15 @@ def _summary(s: dict) -> str:
 @click.command()
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all).")
-@click.option("--port", type=int, default=8080, show_default=True, help="Port (0 picks a free one, printed when ready).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port (0 picks a free one, printed when ready).")
 @profile_option
-@click.option("--max-new-tokens", type=int, default=24, show_default=True, help="Tokens per answer (greedy).")
-@click.option("--max-queue", type=int, default=8, show_default=True, help="Requests waiting behind the running one before 503.")
-@click.option("--threads", type=int, default=None, help="onnxruntime threads. [default: the profile's, else onnxruntime's]")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=24, show_default=True,
+              help="Tokens per answer (greedy).")
+@click.option("--max-queue", type=click.IntRange(0, 1024), default=8, show_default=True,
+              help="Requests waiting behind the running one before 503.")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="onnxruntime threads (0: one per core). [default: the profile's, else onnxruntime's]")
 @click.option("--quiet", is_flag=True, help="No access log.")
 def serve(artifact, host, port, profile, max_new_tokens, max_queue, threads, quiet):
     """Serve an exported artifact over HTTP: POST /v1/answer, GET /healthz, GET /metrics.

@@ -71,13 +71,19 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     """Write the Docker build context for `config.profile` into `out_dir`.
 
     Raises:
-        ArtifactError: the input is not an export artifact.
+        ArtifactError: the input is not an export artifact, or its files changed after export.
         ConfigError: the profile's base image is not supported.
         StageError: a self-check failed.
     """
     if input_artifact.stage != "export":
         raise ArtifactError(f"{input_artifact.path} is a '{input_artifact.stage}' artifact: package the output "
                             f"of `kd2edge export`")
+    # A file changed after export (edited, truncated, replaced) would be shipped and then fail the
+    # copy check below with a misleading "check the disk": say what is wrong before writing anything.
+    actual = content_hash(input_artifact.path)
+    if actual != input_artifact.content_hash:
+        raise ArtifactError(f"{input_artifact.path} changed after `kd2edge export` wrote it (content hash "
+                            f"{actual[:12]}, manifest {input_artifact.content_hash[:12]}): re-run `kd2edge export`")
     started = time.perf_counter()
     out_dir = Path(out_dir)
     pkg, profile = config.package, config.profile
@@ -115,3 +121,26 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
                "checks": checks}
     return write_artifact(out_dir, "package", config.stage_config("package"), input_artifact, metrics,
                           image=info.image, modules=info.modules, notes=info.notes, timings=timings)
+
+
+def package_needs(artifact_bytes: int):
+    """Disk and peak memory of writing one build context (bytes).
+
+    Disk: the artifact is copied into the context (its size) plus the kd2edge sources and
+    templates (under 4 MiB). Memory: the smoke test loads the model in this process (the
+    reference answer, released before the server starts), then in the context's server
+    process, each about twice the artifact (weights and onnxruntime's pre-packed copies).
+
+    Returns:
+        kd2edge.resources.Needs.
+    """
+    from kd2edge.resources import Needs
+
+    return Needs(disk_bytes=artifact_bytes + 4 * 2**20, memory_bytes=2 * artifact_bytes)
+
+
+def estimate(config, input_artifact: Artifact):
+    """What packaging `input_artifact` needs (see package_needs)."""
+    from kd2edge.resources import folder_size
+
+    return package_needs(folder_size(input_artifact.path))

@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kd2edge import resources
 from kd2edge.artifacts import MANIFEST, Artifact, atomic_dir, write_artifact, write_json_atomic
 from kd2edge.errors import Kd2EdgeError, StageError
 from kd2edge.profiling.budgets import MIB, budget_verdicts
@@ -156,6 +157,38 @@ def profile_to_folder(config, artifact_path: Path, out_dir: Path) -> Artifact:
     artifact_path = Path(artifact_path)
     source = (Artifact.load(artifact_path) if (artifact_path / MANIFEST).is_file()
               else Artifact.external(artifact_path, kind="onnx"))
+    # `kd2edge profile` does not go through the pipeline's run_stage: check resources here.
+    resources.check(estimate(config, source), Path(out_dir), "the profile stage")
     with atomic_dir(Path(out_dir)) as tmp:
         run(config, source, tmp)
     return Artifact.load(out_dir, stage="profile")
+
+
+def profile_needs(artifact_bytes: int, kv_bytes: int):
+    """Disk and peak memory of profiling one exported artifact (bytes).
+
+    Memory: the onnxruntime session holds the weights (about the artifact's size) and may keep
+    a pre-packed copy of the MatMulNBits weights (counted as a second one), plus the KV cache of
+    the longest profiled prompt. Disk: profile.json and two plots, under 4 MiB.
+
+    Returns:
+        kd2edge.resources.Needs.
+    """
+    return resources.Needs(disk_bytes=4 * MIB, memory_bytes=2 * artifact_bytes + kv_bytes)
+
+
+def estimate(config, input_artifact: Artifact):
+    """What profiling `input_artifact` with the run's profile needs (see profile_needs)."""
+    import json
+
+    from kd2edge.distill.plan import kv_cache_bytes
+
+    try:
+        model = json.loads((Path(input_artifact.path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        model = {}  # an onnx-genai artifact, or a broken one the stage reports itself: weights only
+    heads = model.get("num_attention_heads") or 1
+    tokens = max(config.profile.profiling.prompt_lengths) + config.profile.profiling.new_tokens
+    kv = kv_cache_bytes(model.get("num_hidden_layers", 0), model.get("num_key_value_heads") or heads,
+                        model.get("head_dim") or model.get("hidden_size", 0) // heads, tokens, 4)
+    return profile_needs(resources.folder_size(input_artifact.path), kv)

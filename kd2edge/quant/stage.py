@@ -177,3 +177,84 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     return write_artifact(out_dir, "quantize", config.stage_config("quantize"), input_artifact, metrics,
                           id=f"{model_id} (GPTQ {q.bits}-bit)" if q.method == "gptq" else f"{model_id} (RTN {q.bits}-bit)",
                           kind="model", format="gptq", timings=timings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resource estimate (kd2edge.pipeline.run_stage checks it against free disk and memory first).
+
+def stored_weights(folder: Path) -> tuple[int, int]:
+    """(all parameters, parameters of the decoder layers' matrices) in `folder`'s safetensors files.
+
+    Read from the files' headers only (no tensor is loaded), for any architecture. In a GPTQ
+    checkpoint a packed `qweight` int32 holds 32 / bits weights; its qzeros, scales and g_idx
+    are bookkeeping, not parameters.
+
+    Raises:
+        ArtifactError: a weights file is unreadable.
+    """
+    import re
+
+    from safetensors import SafetensorError, safe_open
+
+    bits = (model_dims(folder).get("quantization_config") or {}).get("bits")
+    in_layers = re.compile(r"\.(layers|h)\.\d+\.")
+    total = layer = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
+        except (SafetensorError, OSError) as e:
+            raise ArtifactError(f"{f} is unreadable ({e}): write the model again") from None
+        for name, shape in shapes.items():
+            if name.endswith((".qzeros", ".scales", ".g_idx")):
+                continue
+            n = math.prod(shape) * (32 // bits if bits and name.endswith(".qweight") else 1)
+            total += n
+            if len(shape) == 2 and in_layers.search(name):
+                layer += n
+    return total, layer
+
+
+def model_dims(folder: Path) -> dict:
+    """config.json of the model in `folder` (hidden size and the like), {} if unreadable."""
+    import json
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def quantize_needs(total_params: int, linear_params: int, hidden: int, intermediate: int, bits: int,
+                   group_size: int, calib_tokens: int):
+    """Disk and peak memory of GPTQ on one model (bytes).
+
+    Memory: the model in fp32 (4 B/param); every quantized Linear's result kept until the
+    checkpoint is written, int32 codes + fp32 dequantized copy (8 B/weight); one decoder
+    layer's Hessians at once, H = 2XX^T/N of shape (in, in) fp32 for q, k, v, o, gate, up
+    (in = hidden) and down (in = intermediate); the calibration hidden states, (tokens, hidden)
+    fp32, held as the layer's inputs and outputs. Disk: the GPTQ checkpoint
+    (`kd2edge.distill.plan.quantized_size_bytes`).
+
+    Returns:
+        kd2edge.resources.Needs.
+    """
+    from kd2edge.distill.plan import quantized_size_bytes
+    from kd2edge.resources import Needs
+
+    hessians = 4 * (6 * hidden * hidden + intermediate * intermediate)
+    activations = 2 * 4 * calib_tokens * hidden
+    memory = 4 * total_params + 8 * linear_params + hessians + activations
+    disk = quantized_size_bytes(linear_params, total_params - linear_params, bits, group_size)
+    return Needs(disk_bytes=disk, memory_bytes=memory)
+
+
+def estimate(config, input_artifact: Artifact):
+    """What the quantize stage needs for `input_artifact` with the run's [quantize] settings (see quantize_needs)."""
+    q = config.quantize
+    src = model_folder(input_artifact)
+    total, layer = stored_weights(src)
+    dims = model_dims(src)
+    hidden = dims.get("hidden_size") or dims.get("n_embd") or 0
+    return quantize_needs(total, layer, hidden, dims.get("intermediate_size") or 4 * hidden, q.bits, q.group_size,
+                          q.calib_samples * q.calib_max_tokens)
