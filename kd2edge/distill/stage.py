@@ -384,3 +384,61 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     return write_artifact(out_dir, "distill", config.stage_config("distill"), input_artifact, metrics,
                           id=student_id, kind="model", timings=timings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resource estimate (kd2edge.pipeline.run_stage checks it against free disk and memory first).
+
+def activation_bytes(seq: int, batch: int, hidden: int, heads: int, layers: int) -> int:
+    """Activations a transformer keeps for the backward pass, in fp32.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"):
+    s b h (34 + 5 a s / h) bytes per layer in 16-bit precision, without recomputation; twice
+    that in fp32.
+    """
+    return int(2 * layers * seq * batch * hidden * (34 + 5 * heads * seq / hidden))
+
+
+def distill_needs(teacher_params: int, student_params: int, seq: int, batch: int, hidden: int, heads: int,
+                  layers: int, vocab: int, cached_positions: int, topk: int):
+    """Disk and peak memory of distilling one student (bytes), an upper bound.
+
+    Memory: the teacher in fp32 and the copy of it that is pruned into the student (8 B per
+    teacher param); the student's fp32 weights, gradients and AdamW's two moments (16 B per
+    student param); its activations for a full batch at max_length (`activation_bytes`), and
+    the logits, their log-softmax and gradient, (batch, seq, vocab) fp32 each.
+    Disk: the saved student (4 B/param), the resumable checkpoint (weights + AdamW moments,
+    12 B/param), and the teacher's cached logits, top-k values fp32 + indices int32 per
+    position (or the full vocabulary in fp16 with topk 0).
+
+    Returns:
+        kd2edge.resources.Needs.
+    """
+    from kd2edge.resources import Needs
+
+    logits = 3 * 4 * batch * seq * vocab
+    memory = 8 * teacher_params + 16 * student_params + activation_bytes(seq, batch, hidden, heads, layers) + logits
+    cache = cached_positions * (8 * topk if topk else 2 * vocab)
+    return Needs(disk_bytes=16 * student_params + cache, memory_bytes=memory)
+
+
+def estimate(config: RunConfig, input_artifact: Artifact):
+    """What distilling from `input_artifact` with the run's [distill] settings needs (see distill_needs).
+
+    The student is counted at the planned share of the teacher (`max_param_fraction`), or as large
+    as the teacher with --student (it must be smaller); it has at most the teacher's layers; every
+    training item is counted at max_length.
+    """
+    from kd2edge.quant.stage import model_dims, stored_weights
+
+    d = config.distill
+    teacher, _ = stored_weights(Path(input_artifact.path))
+    dims = model_dims(Path(input_artifact.path))
+    student = teacher if d.student else int(teacher * d.max_param_fraction)
+    micro_batches = d.steps * d.grad_accum
+    items = min(x for x in (d.train_limit, micro_batches * d.batch_size) if x is not None) if micro_batches else (
+        d.train_limit or 0)
+    hidden = dims.get("hidden_size") or dims.get("n_embd") or 0
+    return distill_needs(teacher, student, d.max_length, d.batch_size, hidden,
+                         dims.get("num_attention_heads") or 1, dims.get("num_hidden_layers") or 0,
+                         dims.get("vocab_size") or 0, items * d.max_length, d.topk_logits)

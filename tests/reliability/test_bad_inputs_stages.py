@@ -265,6 +265,7 @@ def _stage_must_not_run(monkeypatch, module: str) -> None:
 
 
 @pytest.mark.parametrize("stage,args", [
+    ("kd2edge.distill.stage", ["distill", "--teacher", "{teacher4}", "--out", "{out}"]),
     ("kd2edge.quant.stage", ["quantize", "{tiny}", "--out", "{out}"]),
     ("kd2edge.export.stage", ["export", "{ckpt}", "--out", "{out}"]),
     ("kd2edge.profiling.stage", ["profile", "{export}", "--out", "{out}", "--no-baseline"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kd2edge.distill.stage import activation_bytes, distill_needs
 from kd2edge.evaluate.stage import evaluate_needs
 from kd2edge.export.stage import export_needs
 from kd2edge.package.stage import package_needs
@@ -19,6 +20,16 @@ def test_quantize_needs_by_hand():
     # disk: 800 x 4 / 8 packed + 800 / 32 groups x (2 + 0.5) + 200 x 2 fp16 = 862.5
     assert quantize_needs(1000, 800, hidden=8, intermediate=16, bits=4, group_size=32, calib_tokens=10) == \
         Needs(disk_bytes=862, memory_bytes=4000 + 6400 + 2560 + 640)
+
+
+def test_distill_needs_by_hand():
+    # Korthikanti et al.: 2 (fp32) x 3 layers x s 4 x b 2 x h 8 x (34 + 5 x 2 heads x 4 / 8) = 384 x 39
+    assert activation_bytes(seq=4, batch=2, hidden=8, heads=2, layers=3) == 14976
+    # memory: 8 x 100 teacher + 16 x 50 student + activations + 3 x 4 x (2 x 4 x 10) logits
+    # disk: 16 x 50 student + checkpoint, 6 cached positions x 3 x (4 + 4) top-k bytes (or x 10 x 2 fp16)
+    args = dict(seq=4, batch=2, hidden=8, heads=2, layers=3, vocab=10, cached_positions=6)
+    assert distill_needs(100, 50, **args, topk=3) == Needs(disk_bytes=944, memory_bytes=800 + 800 + 14976 + 960)
+    assert distill_needs(100, 50, **args, topk=0).disk_bytes == 800 + 120
 
 
 def test_other_stages_by_hand():
