@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,10 +31,3 @@ def fast_run_config(tmp_path_factory) -> Path:
     path = root / "run.json"
     path.write_text(json.dumps(data, indent=1))
     return path
-
-
-def run_kd2edge(args: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the CLI in a child process (its own session, so its children can be cleaned up)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "kd2edge.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, start_new_session=True)

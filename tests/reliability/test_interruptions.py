@@ -21,7 +21,7 @@ import pytest
 from kd2edge.config import STAGES
 from kd2edge.pipeline import PAUSE_ENV
 
-from conftest import run_kd2edge
+from .cli_helpers import run_kd2edge
 
 DETERMINISTIC = ("distill", "quantize", "export", "evaluate")  # profile measures time; package copies manifests
 # Every stage is interrupted; the three signals rotate over the stages in the fast suite and
