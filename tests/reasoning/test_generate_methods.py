@@ -174,3 +174,16 @@ def test_code_item_kept_when_its_tests_pass():
     (bad,) = teacher_records([item], "rationale", replies("def add(a, b):\n    return a * 3"))
     assert (good.kept, good.score) == (True, 1.0)
     assert (bad.kept, bad.drop_reason, bad.score) == (False, "wrong_answer", 0.0)
+
+
+def test_multiple_choice_answer_targets_are_choice_texts():
+    """The answer task learns " <choice text>", as the plain path and log-likelihood scoring read it."""
+    from kd2edge.reasoning.methods import answer_target
+
+    assert answer_target(MC, "B") == " river" and answer_target(MC, "(b) river") == " river"
+    assert answer_target(MC, "bank") == " bank"
+    assert answer_target(MC, "somewhere wet") == " somewhere wet"      # names no choice: kept as written
+    assert answer_target(ITEMS[0], " Adaline Qorr ") == " Adaline Qorr"
+    records = teacher_records([MC], "rationale", lambda prompts, step: ["Rationale: Water is in a river.\nAnswer: B"])
+    assert [(p.task, p.target) for p in build_pairs(records, "multitask")] == [
+        ("answer", " river"), ("rationale", " Water is in a river.")]
