@@ -113,24 +113,22 @@ def built(tmp_path_factory) -> dict[str, str]:
     return {k: str(v) for k, v in p.items()}
 
 
+EVAL_DATA = ["evaluate", "--model", "{tiny}", "--shots", "0", "--data"]
+
 # name -> (arguments, exit code, fragment of the error line). {key} is a path from `built`,
 # {out} an output folder that must not exist afterwards.
 CASES = {
     # datasets (evaluate --model reads the data before it loads the model; distill likewise)
-    "dataset file missing": (["evaluate", "--model", "{tiny}", "--data", "{data}/absent.json", "--shots", "0"],
-                             3, "give 'embedded', a local SQuAD JSON / JSONL file"),
-    "dataset file empty": (["evaluate", "--model", "{tiny}", "--data", "{data}/empty.json", "--shots", "0"],
-                           3, "empty.json is not valid JSON at line 1 column 1"),
-    "dataset with no items": (["evaluate", "--model", "{tiny}", "--data", "{data}/no_items.json", "--shots", "0"],
-                              3, "has no questions: give a non-empty file or another split"),
-    "empty split slice": (["evaluate", "--model", "{tiny}", "--data", "{data}/squad_bad_offsets.json@train[:0]",
-                           "--shots", "0"], 3, "has no questions: give a non-empty file or another split"),
-    "dataset JSON truncated": (["evaluate", "--model", "{tiny}", "--data", "{data}/truncated.json", "--shots", "0"],
-                               3, "the file is truncated or corrupt, fetch it again"),
-    "JSONL record missing question": (["evaluate", "--model", "{tiny}", "--data", "{data}/no_question.jsonl",
-                                       "--shots", "0"], 3, "no_question.jsonl record 2: missing 'question'"),
-    "CSQA record missing stem": (["evaluate", "--model", "{tiny}", "--data", "{data}/csqa_no_stem.jsonl",
-                                  "--shots", "0"], 3, "csqa_no_stem.jsonl record 1 question: missing 'stem'"),
+    "dataset file missing": (EVAL_DATA + ["{data}/absent.json"], 3, "give 'embedded', a local SQuAD JSON / JSONL file"),
+    "dataset file empty": (EVAL_DATA + ["{data}/empty.json"], 3, "empty.json is not valid JSON at line 1 column 1"),
+    "dataset with no items": (EVAL_DATA + ["{data}/no_items.json"], 3, "has no questions: give a non-empty file or another split"),
+    "empty split slice": (EVAL_DATA + ["{data}/squad_bad_offsets.json@train[:0]"],
+                          3, "has no questions: give a non-empty file or another split"),
+    "dataset JSON truncated": (EVAL_DATA + ["{data}/truncated.json"], 3, "the file is truncated or corrupt, fetch it again"),
+    "JSONL record missing question": (EVAL_DATA + ["{data}/no_question.jsonl"],
+                                      3, "no_question.jsonl record 2: missing 'question'"),
+    "CSQA record missing stem": (EVAL_DATA + ["{data}/csqa_no_stem.jsonl"],
+                                 3, "csqa_no_stem.jsonl record 1 question: missing 'stem'"),
     "distill data missing": (["distill", "--teacher", "{teacher4}", "--out", "{out}", "--data", "{data}/absent.json"],
                              3, "give 'embedded', a local SQuAD JSON / JSONL file"),
     # distillation flags and models
