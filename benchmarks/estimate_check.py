@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", default="embedded")
     p.add_argument("--out", default="runs/estimate_check")
     p.add_argument("--steps", type=int, default=2, help="distillation steps (the estimate does not depend on them)")
-    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-samples", type=int, default=32)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

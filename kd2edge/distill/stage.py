@@ -389,37 +389,42 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
 # ----------------------------------------------------------------------------------------------
 # Resource estimate (kd2edge.pipeline.run_stage checks it against free disk and memory first).
 
-def activation_bytes(seq: int, batch: int, hidden: int, heads: int, layers: int) -> int:
+def activation_bytes(seq: int, batch: int, hidden: int, layers: int) -> int:
     """Activations a transformer keeps for the backward pass, in fp32.
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"):
-    s b h (34 + 5 a s / h) bytes per layer in 16-bit precision, without recomputation; twice
-    that in fp32.
+    s b h (34 + 5 a s / h) bytes per layer in 16-bit precision; twice that in fp32. The 5 a s / h
+    term is the (s, s) attention scores, which PyTorch's scaled-dot-product attention (the
+    transformers default) never stores, so it is left out.
     """
-    return int(2 * layers * seq * batch * hidden * (34 + 5 * heads * seq / hidden))
+    return 2 * 34 * layers * seq * batch * hidden
 
 
-def distill_needs(teacher_params: int, student_params: int, seq: int, batch: int, hidden: int, heads: int,
-                  layers: int, vocab: int, cached_positions: int, topk: int):
+ANSWER_POSITIONS = 64   # logits are computed at answer positions only (gold answers are short)
+
+
+def distill_needs(teacher_params: int, student_params: int, seq: int, batch: int, hidden: int, layers: int,
+                  vocab: int, cached_positions: int, topk: int):
     """Disk and peak memory of distilling one student (bytes), an upper bound.
 
-    Memory: the teacher in fp32 and the copy of it that is pruned into the student (8 B per
-    teacher param); the student's fp32 weights, gradients and AdamW's two moments (16 B per
-    student param); its activations for a full batch at max_length (`activation_bytes`), and
-    the logits, their log-softmax and gradient, (batch, seq, vocab) fp32 each.
-    Disk: the saved student (4 B/param), the resumable checkpoint (weights + AdamW moments,
-    12 B/param), and the teacher's cached logits, top-k values fp32 + indices int32 per
-    position (or the full vocabulary in fp16 with topk 0).
+    Memory, the larger of two phases: building the student holds the teacher in fp32 and the
+    copy of it that is pruned into the student (8 B per teacher param); training (the teacher is
+    released by then) holds the student's fp32 weights, gradients and AdamW's two moments (16 B
+    per student param), its activations for a full batch at max_length (`activation_bytes`) and
+    the logits at up to ANSWER_POSITIONS answer positions per row, with their log-softmax and
+    gradient, fp32. Disk: the saved student (4 B/param), the resumable checkpoint (weights +
+    AdamW moments, 12 B/param), and the teacher's cached logits, top-k values fp32 + indices
+    int32 per position (or the full vocabulary in fp16 with topk 0).
 
     Returns:
         kd2edge.resources.Needs.
     """
     from kd2edge.resources import Needs
 
-    logits = 3 * 4 * batch * seq * vocab
-    memory = 8 * teacher_params + 16 * student_params + activation_bytes(seq, batch, hidden, heads, layers) + logits
+    logits = 3 * 4 * batch * min(seq, ANSWER_POSITIONS) * vocab
+    training = 16 * student_params + activation_bytes(seq, batch, hidden, layers) + logits
     cache = cached_positions * (8 * topk if topk else 2 * vocab)
-    return Needs(disk_bytes=16 * student_params + cache, memory_bytes=memory)
+    return Needs(disk_bytes=16 * student_params + cache, memory_bytes=max(8 * teacher_params, training))
 
 
 def estimate(config: RunConfig, input_artifact: Artifact):
@@ -439,6 +444,5 @@ def estimate(config: RunConfig, input_artifact: Artifact):
     items = min(x for x in (d.train_limit, micro_batches * d.batch_size) if x is not None) if micro_batches else (
         d.train_limit or 0)
     hidden = dims.get("hidden_size") or dims.get("n_embd") or 0
-    return distill_needs(teacher, student, d.max_length, d.batch_size, hidden,
-                         dims.get("num_attention_heads") or 1, dims.get("num_hidden_layers") or 0,
+    return distill_needs(teacher, student, d.max_length, d.batch_size, hidden, dims.get("num_hidden_layers") or 0,
                          dims.get("vocab_size") or 0, items * d.max_length, d.topk_logits)

@@ -23,13 +23,16 @@ def test_quantize_needs_by_hand():
 
 
 def test_distill_needs_by_hand():
-    # Korthikanti et al.: 2 (fp32) x 3 layers x s 4 x b 2 x h 8 x (34 + 5 x 2 heads x 4 / 8) = 384 x 39
-    assert activation_bytes(seq=4, batch=2, hidden=8, heads=2, layers=3) == 14976
-    # memory: 8 x 100 teacher + 16 x 50 student + activations + 3 x 4 x (2 x 4 x 10) logits
-    # disk: 16 x 50 student + checkpoint, 6 cached positions x 3 x (4 + 4) top-k bytes (or x 10 x 2 fp16)
-    args = dict(seq=4, batch=2, hidden=8, heads=2, layers=3, vocab=10, cached_positions=6)
-    assert distill_needs(100, 50, **args, topk=3) == Needs(disk_bytes=944, memory_bytes=800 + 800 + 14976 + 960)
+    # Korthikanti et al. without the attention scores: 2 (fp32) x 34 x 3 layers x s 4 x b 2 x h 8
+    assert activation_bytes(seq=4, batch=2, hidden=8, layers=3) == 13056
+    # training: 16 x 50 student + activations + 3 x 4 x (b 2 x 4 answer positions x vocab 10) logits,
+    # above building the student (8 x 100); disk: 16 x 50 student + checkpoint,
+    # 6 cached positions x 3 x (4 + 4) top-k bytes (or x 10 x 2 fp16 for the full vocabulary)
+    args = dict(seq=4, batch=2, hidden=8, layers=3, vocab=10, cached_positions=6)
+    assert distill_needs(100, 50, **args, topk=3) == Needs(disk_bytes=944, memory_bytes=800 + 13056 + 960)
     assert distill_needs(100, 50, **args, topk=0).disk_bytes == 800 + 120
+    # a big teacher and a tiny student: building the student is the peak
+    assert distill_needs(10**6, 1, **args, topk=3).memory_bytes == 8 * 10**6
 
 
 def test_other_stages_by_hand():
