@@ -88,12 +88,18 @@ def cli(ctx, debug):
 @click.option("--student", default=None, help="Student: a hub id or folder sharing the teacher's tokenizer. [default: planned from the teacher]")
 @click.option("--data", default=None, help="Dataset: 'embedded' (-en/-es), a hub id, a SQuAD JSON / JSONL file, mlqa:PATH:LANG; SPEC@split[slice] picks a part, e.g. FILE@train[:80%].")
 @click.option("--steps", type=int, default=None, help="Distillation optimizer steps.")
+@click.option("--data-method", type=click.Choice(["answer", "rationale", "critique-revision"]), default=None,
+              help="Training targets: gold/teacher answers, teacher rationales, or critique-revised rationales.")
+@click.option("--train-method", type=click.Choice(["answer", "rationale", "multitask"]), default=None,
+              help="How rationale data is trained on (needs --data-method rationale|critique-revision).")
+@click.option("--grpo-steps", type=click.IntRange(min=0), default=None, help="GRPO steps after KD (0: none).")
 @click.option("--seed", type=int, default=None)
 @click.option("--force", is_flag=True, help="Rerun every stage even if its output is up to date.")
 @click.option("--no-gate", is_flag=True, help="Report budgets without failing the run.")
 @click.option("--print-config", is_flag=True, help="Print the fully resolved config as JSON and exit.")
 @json_option
-def run(profile, config_file, out, teacher, student, data, steps, seed, force, no_gate, print_config, as_json):
+def run(profile, config_file, out, teacher, student, data, steps, data_method, train_method, grpo_steps, seed, force,
+        no_gate, print_config, as_json):
     """Run every stage in order: distill, quantize, export, profile, evaluate, package.
 
     A rerun skips the stages whose output already matches their config and input,
@@ -103,7 +109,8 @@ def run(profile, config_file, out, teacher, student, data, steps, seed, force, n
     from kd2edge.pipeline import run_pipeline
 
     overrides = {"teacher": teacher, "data": data, "seed": seed, "distill.student": student,
-                 "distill.steps": steps, "profiling.gate": False if no_gate else None}
+                 "distill.steps": steps, "distill.data_method": data_method, "distill.train_method": train_method,
+                 "distill.grpo_steps": grpo_steps, "profiling.gate": False if no_gate else None}
     config = load_config(config_file, profile=profile, overrides=overrides)
     if print_config:
         click.echo(dump_config(config), nl=False)
