@@ -241,7 +241,8 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    plan = plan_for(config, teacher_path)
+    # With --student there is nothing to plan: a teacher no planned student fits (BudgetError) is fine.
+    plan = None if d.student else plan_for(config, teacher_path)
 
     # Data before models: an unusable dataset fails in seconds.
     micro_batches = d.steps * d.grad_accum
@@ -356,7 +357,7 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
         "student": {"id": student_id, "params": student_params, "layers": student.config.num_hidden_layers,
                     "layers_kept": kept, "importance": importance},
         "param_reduction": round(1 - student_params / teacher_params, 4),
-        "plan": {"choice": plan["choice"], "assumptions": plan["assumptions"]},
+        "plan": {"choice": plan["choice"], "assumptions": plan["assumptions"]} if plan else None,
         "loss": d.loss, "temperature": d.temperature, "kd_ratio": d.kd_ratio,
         "loss_history": csv_path.name if csv_path else None,
         "loss_curve": png_path.name if png_path else None,

@@ -312,3 +312,20 @@ def test_disk_filling_up_mid_write_keeps_nothing(built, tmp_path, capsys, monkey
     rc, err, errors = run_cli(["quantize", built["tiny"], "--out", str(tmp_path / "q"), "--calib-samples", "8"], capsys)
     assert_refused(rc, err, errors, 6, "the disk filled up while writing q: free some space and rerun")
     assert_nothing_left(tmp_path, set())
+
+
+def test_explicit_student_needs_no_plan(built, tmp_path, capsys):
+    """No planned student fits laptop-cpu for a 2-layer teacher (BudgetError, exit 7), but with
+    --student nothing is planned: distilling a 1-layer student from it must work."""
+    from kd2edge.testing import tiny_model_dir
+
+    student = tiny_model_dir(tmp_path / "student1", "llama", num_layers=1)
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"distill": {"eval_limit": 2, "train_limit": 8}, "evaluate": {"max_new_tokens": 4}}))
+    assert main(["plan", "--teacher", built["tiny"]]) == 7
+    rc = main(["distill", "--teacher", built["tiny"], "--student", str(student), "--out", str(tmp_path / "d"),
+               "--config", str(short), "--steps", "1", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["student"]["layers"] == 1 and result["plan"] is None
