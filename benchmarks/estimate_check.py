@@ -7,8 +7,9 @@ the stage's `estimate(config, input)`. The estimates count the stage's data only
 interpreter with torch and transformers imported (measured here too) comes on top.
 
     python benchmarks/estimate_check.py [--teacher embedded] [--out runs/estimate_check] [--steps 2]
+                                        [--stages distill,quantize,export]
 
-Prints a table and writes estimate_check.json into --out.
+Prints a table and writes estimate_check-STAGES.json into --out.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/estimate_check")
     p.add_argument("--steps", type=int, default=2, help="distillation steps (the estimate does not depend on them)")
     p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--stages", default="distill,quantize,export",
+                   help="which to run; a later one alone reuses the earlier ones' folders in --out")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
              ("export", "kd2edge.export.stage", None,
               py + ["export", str(out / "quantize"), "--out", str(out / "export"), "--force"])]
     rows = []
+    wanted = args.stages.split(",")
     for name, module, source, cmd in steps:
+        if name not in wanted:
+            continue
         source = source or Artifact.load(Path(cmd[4]))  # the previous stage's output
         needs = importlib.import_module(module).estimate(config, source)
         rss, seconds, code = peak_rss(cmd)
@@ -77,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({format_bytes(rss - base)} above the interpreter); disk: estimate "
               f"{format_bytes(needs.disk_bytes):>10}, written {format_bytes(written):>10}; {seconds:.0f} s")
     result = {"teacher": args.teacher, "interpreter_rss": base, "stages": rows}
-    (out / "estimate_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"interpreter with torch/transformers/onnxruntime: {format_bytes(base)}; written {out / 'estimate_check.json'}")
+    (out / f"estimate_check-{'-'.join(wanted)}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"interpreter with torch/transformers/onnxruntime: {format_bytes(base)}; written into {out}")
     return 0
 
 
