@@ -229,12 +229,14 @@ def quantize_needs(total_params: int, linear_params: int, hidden: int, intermedi
                    group_size: int, calib_tokens: int):
     """Disk and peak memory of GPTQ on one model (bytes).
 
-    Memory: the model in fp32 (4 B/param); every quantized Linear's result kept until the
-    checkpoint is written, int32 codes + fp32 dequantized copy (8 B/weight); one decoder
-    layer's Hessians at once, H = 2XX^T/N of shape (in, in) fp32 for q, k, v, o, gate, up
-    (in = hidden) and down (in = intermediate); the calibration hidden states, (tokens, hidden)
-    fp32, held as the layer's inputs and outputs. Disk: the GPTQ checkpoint
-    (`kd2edge.distill.plan.quantized_size_bytes`).
+    Memory: the model in fp32 twice (the one quantized, then the checkpoint reloaded for the
+    held-out check) and the fp16 tensors being written (10 B/param); every quantized Linear's
+    result, held to the end for the read-back check, int32 codes + fp32 dequantized copy
+    (8 B/weight); one decoder layer's Hessians at once, H = 2XX^T/N of shape (in, in) fp32 for
+    q, k, v, o, gate, up (in = hidden) and down (in = intermediate); the calibration hidden
+    states, (tokens, hidden) fp32, held as the layer's inputs and outputs. Measured on a
+    SmolLM2-135M student (benchmarks/estimate_check.py): 1.4 GiB above the interpreter.
+    Disk: the GPTQ checkpoint (`kd2edge.distill.plan.quantized_size_bytes`).
 
     Returns:
         kd2edge.resources.Needs.
@@ -244,7 +246,7 @@ def quantize_needs(total_params: int, linear_params: int, hidden: int, intermedi
 
     hessians = 4 * (6 * hidden * hidden + intermediate * intermediate)
     activations = 2 * 4 * calib_tokens * hidden
-    memory = 4 * total_params + 8 * linear_params + hessians + activations
+    memory = 10 * total_params + 8 * linear_params + hessians + activations
     disk = quantized_size_bytes(linear_params, total_params - linear_params, bits, group_size)
     return Needs(disk_bytes=disk, memory_bytes=memory)
 
