@@ -139,7 +139,8 @@ def load_causal_lm(path: str | Path, dtype: Any = None, device: str = "cpu"):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot load {path} as a causal language model: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot load {path} as a causal language model ({str(e).splitlines()[0]}): give a "
+                         f"transformers model folder (config.json + weights), or save the model again") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer

@@ -12,9 +12,11 @@ a partial folder that is renamed into place only on success.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -73,8 +75,8 @@ def run_stage(name: str, config: RunConfig, input_artifact: Artifact | None, out
     stage = importlib.import_module(STAGE_MODULES[name])
     resources.check(_needs(stage, config, input_artifact), out_dir, f"the {name} stage")
     started = time.perf_counter()
-    with atomic_dir(out_dir) as tmp:
-        work = tmp.parent / f".{out_dir.name}.work"
+    work = out_dir.parent / f".{out_dir.name}.work"
+    with atomic_dir(out_dir) as tmp, _drop_if_unused(work):
         _reset_work_dir(work, fp)
         artifact = stage.run(config, input_artifact, tmp)
         _fault_injection_pause(name)
@@ -116,10 +118,19 @@ def _needs(stage, config: RunConfig, input_artifact: Artifact | None) -> resourc
     return resources.Needs(disk_bytes=2 * size, memory_bytes=2 * size)
 
 
+@contextlib.contextmanager
+def _drop_if_unused(work: Path):
+    """On failure, remove the stage's checkpoint folder if the stage never saved anything in it."""
+    try:
+        yield
+    except BaseException:
+        if work.is_dir() and {p.name for p in work.iterdir()} <= {"FINGERPRINT"}:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
 def _reset_work_dir(work: Path, fp: str) -> None:
     """Keep a stage's checkpoints only if they were made for the same fingerprint."""
-    import shutil
-
     stamp = work / "FINGERPRINT"
     if work.exists() and (not stamp.is_file() or stamp.read_text().strip() != fp):
         shutil.rmtree(work)
