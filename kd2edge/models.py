@@ -8,6 +8,7 @@ dequantizes GGUF on every load (about 25 s for the 135M teacher on 2 cores).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -99,6 +100,17 @@ def _convert_gguf(gguf: Path, model_id: str) -> Artifact:
     folder = cache_dir() / "models" / key
     if (folder / "manifest.json").is_file():
         return Artifact.load(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Two kd2edge processes may convert the same file at once (tests, a run beside them):
+    # the lock makes the second wait for the first and then load its result.
+    with open(folder.parent / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "manifest.json").is_file():
+            return Artifact.load(folder)
+        return _convert_gguf_locked(gguf, model_id, folder, stat)
+
+
+def _convert_gguf_locked(gguf: Path, model_id: str, folder: Path, stat: os.stat_result) -> Artifact:
     try:
         from gguf import GGUFReader  # noqa: F401  (transformers needs it; fail with a clear message)
     except ImportError:
