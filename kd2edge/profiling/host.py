@@ -102,12 +102,21 @@ def host_mismatches(host: dict, arch: str, providers: list[str] | tuple[str, ...
 
 
 def peak_rss_bytes() -> int:
-    """The peak resident set size of this process so far (ru_maxrss), in bytes.
+    """The peak resident set size of this process so far, in bytes.
 
     This is the *process* peak: interpreter, libraries and everything loaded before count too.
+    On Linux it is /proc/self/status VmHWM, the high-water mark of this program's own memory:
+    ru_maxrss survives fork and exec there, so a child started by a process that had loaded
+    the teacher (3 GB) would report the parent's peak as its own.
     """
     import resource
 
+    try:
+        for line in _read("/proc/self/status").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 

@@ -74,3 +74,17 @@ def test_profiling_code_does_not_import_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents():
+    """ru_maxrss survives fork+exec on Linux: a child of a big process must not report the parent's peak."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(400 * 2**20)  # this process grows by 400 MiB
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    code = "from kd2edge.profiling.host import peak_rss_bytes; print(peak_rss_bytes())"
+    child_peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child_peak < 300 * 2**20
+    del ballast
