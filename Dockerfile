@@ -2,7 +2,7 @@
 # The kd2edge toolchain (distill, quantize, export, profile, evaluate, package), CPU by default.
 #
 #   docker build -t kd2edge .
-#   docker run --rm -v "$PWD/runs:/work/runs" kd2edge run --profile laptop-cpu --out runs/demo
+#   docker run --rm -v "$PWD/runs:/workspace/runs" kd2edge run --profile laptop-cpu --out runs/demo
 #
 # CUDA: the PyTorch CUDA wheels bundle their CUDA libraries, so a CUDA base image plus the
 # matching PyTorch index is enough (run with --gpus all); the base needs python3 >= 3.10:
@@ -49,10 +49,10 @@ COPY profiles /src/profiles
 RUN pip install --no-cache-dir --no-deps /src \
     && pip check \
     && useradd --create-home --uid 10001 kd2edge \
-    && mkdir -p /cache /work \
-    && chown 10001 /cache /work
+    && mkdir -p /cache /workspace \
+    && chown 10001 /cache /workspace
 
 USER 10001
-WORKDIR /work
+WORKDIR /workspace
 ENTRYPOINT ["kd2edge"]
 CMD ["--help"]

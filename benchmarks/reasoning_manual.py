@@ -1,7 +1,7 @@
 """Manual check of issue #9 on the real embedded teacher (SmolLM2-135M-Instruct, CPU).
 
     python benchmarks/reasoning_manual.py --limit 20 --out /tmp/kd2edge-reasoning
-    python benchmarks/reasoning_manual.py --data /work/shared/data/csqa_dev_sample.jsonl --split validation
+    python benchmarks/reasoning_manual.py --data ../shared/data/csqa_dev_sample.jsonl --split validation
 
 1. The teacher writes rationale and critique-revision data (--limit items each); kept
    counts, drop reasons and timings are reported.
