@@ -1,7 +1,7 @@
 """Datasets check: what `load_qa` reads from real sample files, and how well the embedded teacher
 answers the embedded dataset (is there signal for distillation?).
 
-    python benchmarks/data_check.py                       # loaders on /work/shared/data (or --samples DIR)
+    python benchmarks/data_check.py                       # loaders on ../shared/data (or --samples DIR)
     python benchmarks/data_check.py --teacher 40          # + the embedded teacher on 40 validation items,
                                                           #   zero- and one-shot (CPU, ~1-2 min)
 
@@ -50,7 +50,7 @@ def check_teacher(n: int, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=Path, default=Path("/work/shared/data"))
+    parser.add_argument("--samples", type=Path, default=Path("../shared/data"))
     parser.add_argument("--teacher", type=int, default=0, metavar="N", help="items to score the teacher on (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

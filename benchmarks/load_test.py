@@ -10,7 +10,7 @@ another status or a lost request (connection error) fails the run (exit 1).
 
 ARTIFACT is an export folder (`kd2edge export`); without one, `--tiny` exports a tiny
 random llama first (needs torch/optimum; its answers are nonsense but deterministic).
-Questions come from /work/shared/data/squad_dev_sample.json when present (`--squad`),
+Questions come from ../shared/data/squad_dev_sample.json when present (`--squad`),
 else from a few built-in ones. Prints and optionally writes (--out) a JSON summary.
 """
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--questions", type=int, default=8)
-    p.add_argument("--squad", default="/work/shared/data/squad_dev_sample.json")
+    p.add_argument("--squad", default="../shared/data/squad_dev_sample.json")
     p.add_argument("--out", default=None, help="also write the JSON summary here")
     args = p.parse_args(argv)
     if not args.artifact and not args.tiny:
