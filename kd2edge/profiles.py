@@ -102,13 +102,13 @@ class DeviceProfile:
     profiling: Profiling = Profiling()
 
     def problems(self) -> list[str]:
-        if "CPUExecutionProvider" not in self.runtime.execution_providers and not self.hardware.accelerator:
-            return ["runtime.execution_providers: a device without an accelerator needs CPUExecutionProvider"]
-        if self.hardware.arch == "x86_64" and self.docker.platform != "linux/amd64":
-            return [f"docker.platform: {self.docker.platform} does not match hardware.arch x86_64"]
-        if self.hardware.arch == "aarch64" and self.docker.platform != "linux/arm64":
-            return [f"docker.platform: {self.docker.platform} does not match hardware.arch aarch64"]
-        return []
+        out = []
+        if "CPUExecutionProvider" not in self.runtime.execution_providers and self.hardware.accelerator == "none":
+            out.append("runtime.execution_providers: a device without an accelerator needs CPUExecutionProvider")
+        expected = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}[self.hardware.arch]
+        if self.docker.platform != expected:
+            out.append(f"docker.platform: {self.docker.platform} does not match hardware.arch {self.hardware.arch}")
+        return out
 
 
 def _toml_loads(text: str) -> dict:

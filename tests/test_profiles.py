@@ -94,3 +94,13 @@ def test_unparseable_file(tmp_path):
     path.write_text("[hardware\narch=")
     with pytest.raises(ProfileError, match="cannot parse broken.toml"):
         load_profile(path)
+
+
+def test_cross_field_problems_are_all_reported(tmp_path):
+    bad = GOOD.replace('"CPUExecutionProvider"', '"CUDAExecutionProvider"').replace('"linux/arm64"', '"linux/amd64"')
+    path = tmp_path / "cross.toml"
+    path.write_text(bad)
+    with pytest.raises(ProfileError) as err:
+        load_profile(path)
+    joined = " | ".join(err.value.problems)
+    assert "needs CPUExecutionProvider" in joined and "does not match hardware.arch aarch64" in joined
