@@ -111,7 +111,7 @@ def test_plan_for_the_embedded_teacher_picks_fourteen_layers():
 
     result = CliRunner().invoke(plan, ["--teacher", "embedded", "--profile", "laptop-cpu", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["teacher"] == {"params": 134_515_008, "layers": 30}
     # 28.3M embedding + 14 x 3.54M layers = 77.9M, the largest under 0.6 x 134.5M = 80.7M.
     assert data["choice"]["layers"] == 14 and data["choice"]["params"] == 77_873_472
