@@ -106,6 +106,7 @@ def distill(teacher, profile, config_file, out, student, steps, loss, temperatur
             sequence_kd, data_method, train_method, keep, grpo_steps, seed, force, as_json):
     """Distill a student from a teacher (resumable: rerun the same command after a stop)."""
     from kd2edge.config import load_config
+    from kd2edge.errors import ConfigError
     from kd2edge.models import resolve_model
     from kd2edge.pipeline import run_stage
 
@@ -114,6 +115,10 @@ def distill(teacher, profile, config_file, out, student, steps, loss, temperatur
                  "distill.shots": shots, "distill.sequence_kd": sequence_kd, "distill.data_method": data_method,
                  "distill.train_method": train_method, "distill.keep": keep, "distill.grpo_steps": grpo_steps}
     config = load_config(config_file, profile=profile, overrides=overrides)
+    if kd_ratio is not None and config.distill.loss == "none":
+        # The config cannot tell a default kd_ratio from a chosen one; the flag can.
+        raise ConfigError(f"--kd-ratio {kd_ratio} weighs the divergence, which loss 'none' turns off: "
+                          "drop --kd-ratio, or choose a --loss (forward_kl, reverse_kl, jsd)")
     info(f"distill: teacher {config.teacher}, profile {config.profile.name}, output {out}")
     result = run_stage("distill", config, resolve_model(config.teacher), Path(out), force=force)
     info(f"distill: {result.status} in {result.seconds:.0f} s")

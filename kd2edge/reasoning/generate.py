@@ -14,7 +14,12 @@ was dropped), so the file can be inspected and reused. The JSONL file is written
 atomically (temp file + rename).
 
 Generation is batched greedy decoding with the transformers teacher: chat template
-applied, left padding (a decoder continues from the last position of every row).
+applied, left padding (a decoder continues from the last position of every row). The
+teacher's reply for a rationale is started for it with a primer ("Rationale: The context
+says" for extractive questions, "Rationale:" otherwise) that it continues: asked only,
+the embedded 135M teacher answers "The answer is X." and skips the reasoning (1 of 16
+items kept, measured); primed, it quotes its evidence first (6 of 16). The primer is
+part of the recorded output.
 """
 
 from __future__ import annotations
@@ -35,12 +40,16 @@ DATA_METHODS = ("answer", "rationale", "critique-revision")
 KEEP_MODES = ("correct", "all")
 # Drop reasons, in the order they are checked.
 NO_ANSWER, WRONG_ANSWER, NO_RATIONALE, META_TALK = "no_answer", "wrong_answer", "no_rationale", "meta_talk"
+COPIED_EXAMPLE = "copied_example"
 _META_WORDS = ("critique", "draft", "the student")
+# Entities of the worked examples below that a copying teacher carries into its rationale.
+DEMONSTRATION_NAMES = ("Orlan Bridge", "Mira Castel")
 
 FORMAT_INSTRUCTION = ("First explain your reasoning in one or two sentences, then give the answer. "
                       "Use exactly this format:\nRationale: <your reasoning>\nAnswer: <{what}>")
 # One invented worked example per task, shown after the instruction: a 135M teacher follows
-# a demonstrated format far more often than a described one.
+# a demonstrated format far more often than a described one. It also copies it: a rationale
+# naming the example's entities (DEMONSTRATION_NAMES) when the item does not is dropped.
 DEMONSTRATIONS = {
     "extractive": ("Context: The Orlan Bridge was opened in 1902 by the engineer Mira Castel.\n"
                    "Question: Who opened the Orlan Bridge?\n"
@@ -90,6 +99,15 @@ def format_request(item: QAItem) -> str:
             + "\n\nNow your question:")
 
 
+def reply_primer(item: QAItem) -> str:
+    """How the teacher's rationale reply begins; the teacher continues it.
+
+    Questions with a context get "Rationale: The context says" (the rationale of an
+    extractive answer is its evidence), the others "Rationale:".
+    """
+    return "Rationale: The context says" if item.context else "Rationale:"
+
+
 def rationale_prompt(item: QAItem) -> str:
     """The user message asking for "Rationale: ... Answer: ...": instruction, example, question."""
     return f"{format_request(item)}\n{task_block(item)}"
@@ -133,8 +151,9 @@ def filter_decision(item: QAItem, parsed: ParsedOutput, needs_rationale: bool, m
 
     Returns:
         (kept, drop_reason or None, answer score). Reasons: "no_answer", "no_rationale",
-        "meta_talk" (the rationale talks about the draft/critique), "wrong_answer". With
-        keep="all" only unusable outputs (no answer, no usable rationale) are dropped.
+        "meta_talk" (the rationale talks about the draft/critique), "copied_example" (it
+        names the worked example's entities, which the item does not), "wrong_answer".
+        With keep="all" only unusable outputs (all but a wrong answer) are dropped.
     """
     score = answer_score(item, parsed.answer, completion)
     if parsed.answer is None:
@@ -143,6 +162,9 @@ def filter_decision(item: QAItem, parsed: ParsedOutput, needs_rationale: bool, m
         return False, NO_RATIONALE, score
     if needs_rationale and any(w in parsed.rationale.lower() for w in _META_WORDS):
         return False, META_TALK, score
+    item_text = f"{item.context} {item.question}"
+    if needs_rationale and any(n in parsed.rationale and n not in item_text for n in DEMONSTRATION_NAMES):
+        return False, COPIED_EXAMPLE, score
     if score < min_score:
         return keep == "all", WRONG_ANSWER, score
     return True, None, score
@@ -216,7 +238,8 @@ def make_record(item: QAItem, method: str, prompts: dict, outputs: dict, keep: s
 # ----------------------------------------------------------------------------- generation
 
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 8,
-                    desc: str = "generate", progress: bool = True) -> list[str]:
+                    desc: str = "generate", progress: bool = True,
+                    primers: Sequence[str] | None = None) -> list[str]:
     """Greedy replies to user messages, in batches, with the chat template applied.
 
     Uses the evaluator's `TorchBackend` (chat template, left padding, greedy decoding),
@@ -226,29 +249,36 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         model, tokenizer: a transformers causal LM (eval mode) and its tokenizer.
         prompts: user messages (plain text, no template).
         max_new_tokens: reply length limit.
+        primers: per prompt, the text the reply starts with (placed after the
+            template's assistant turn; the model continues it); None: no primers.
         batch_size: prompts per batch; prompts are sorted by length so a batch pads
             little, and replies come back in the input order.
         desc: progress bar label (tqdm, stderr).
 
     Returns:
-        The decoded replies (special tokens removed, stripped), one per prompt.
+        The decoded replies, primer included (special tokens removed, stripped), one per prompt.
     """
     from tqdm import tqdm
 
     from kd2edge.evaluate.evaluator import TorchBackend
 
+    primers = list(primers) if primers is not None else [""] * len(prompts)
     backend = TorchBackend(model, tokenizer, batch_size)
-    texts = [backend.format_prompt(p) for p in prompts]
+    # A chat template ends with the assistant turn's header; a plain prompt gets a new line first.
+    sep = "" if backend.templated else "\n"
+    texts = [backend.format_prompt(p) + (sep + primer if primer else "") for p, primer in zip(prompts, primers)]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[str] = [""] * len(texts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
         idx = order[start:start + batch_size]
         for i, reply in zip(idx, backend.generate([texts[i] for i in idx], max_new_tokens)):
-            out[i] = reply.strip()
+            # The continuation keeps its leading space ("says" + " the ..."), so plain concatenation.
+            out[i] = (primers[i] + reply).strip()
     return out
 
 
-Generator = Callable[[Sequence[str], str], list[str]]
+# generate(user prompts, step name, reply primers) -> whole replies, each beginning with its primer.
+Generator = Callable[[Sequence[str], str, Sequence[str]], list[str]]
 
 
 def teacher_records(items: Sequence[QAItem], method: str, generate: Generator, keep: str = "correct",
@@ -258,7 +288,8 @@ def teacher_records(items: Sequence[QAItem], method: str, generate: Generator, k
     Args:
         items: training questions.
         method: "answer", "rationale" or "critique-revision".
-        generate: `generate(prompts, step_name) -> replies` (the teacher, batched).
+        generate: `generate(prompts, step_name, primers) -> replies` (the teacher, batched;
+            each reply begins with its primer: `reply_primer` for rationale steps, "" otherwise).
         keep, min_score: see `filter_decision`.
 
     Returns:
@@ -275,19 +306,20 @@ def teacher_records(items: Sequence[QAItem], method: str, generate: Generator, k
             raise DataError(f"critique-revision needs gold answers, but {len(missing)} of {len(items)} items have none "
                             f"(first: {missing[0]}): use --method rationale, or a dataset with answers")
     students = [student_prompt(it) for it in items]
+    primed, unprimed = [reply_primer(it) for it in items], [""] * len(items)
     if method == "answer":
         steps = {"answer": students}
-        outs = {"answer": generate(students, "answer")}
+        outs = {"answer": generate(students, "answer", unprimed)}
     elif method == "rationale":
         steps = {"rationale": [rationale_prompt(it) for it in items]}
-        outs = {"rationale": generate(steps["rationale"], "rationale")}
+        outs = {"rationale": generate(steps["rationale"], "rationale", primed)}
     else:
         steps = {"draft": [rationale_prompt(it) for it in items]}
-        outs = {"draft": generate(steps["draft"], "draft")}
+        outs = {"draft": generate(steps["draft"], "draft", primed)}
         steps["critique"] = [critique_prompt(it, d) for it, d in zip(items, outs["draft"])]
-        outs["critique"] = generate(steps["critique"], "critique")
+        outs["critique"] = generate(steps["critique"], "critique", unprimed)
         steps["revision"] = [revision_prompt(it, d, c) for it, d, c in zip(items, outs["draft"], outs["critique"])]
-        outs["revision"] = generate(steps["revision"], "revision")
+        outs["revision"] = generate(steps["revision"], "revision", primed)
     return [make_record(it, method, {k: v[i] for k, v in steps.items()}, {k: v[i] for k, v in outs.items()},
                         keep, min_score, students[i]) for i, it in enumerate(items)]
 
@@ -305,8 +337,9 @@ def records_from_teacher(model, tokenizer, items: Sequence[QAItem], method: str,
     Raises:
         DataError: as `teacher_records`.
     """
-    def generate(prompts, step):
-        return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc=step, progress=progress)
+    def generate(prompts, step, primers):
+        return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc=step, progress=progress,
+                               primers=primers)
 
     return teacher_records(items, method, generate, keep, min_score)
 
@@ -321,7 +354,7 @@ def check_method(method: str, keep: str = "correct") -> None:
 
 def has_usable_rationale(record: TeacherRecord) -> bool:
     """The record holds a rationale and an answer fit for training (right or wrong)."""
-    return bool(record.rationale) and record.drop_reason not in (NO_ANSWER, NO_RATIONALE, META_TALK)
+    return bool(record.rationale) and record.drop_reason not in (NO_ANSWER, NO_RATIONALE, META_TALK, COPIED_EXAMPLE)
 
 
 def summarize(records: Sequence[TeacherRecord]) -> dict:

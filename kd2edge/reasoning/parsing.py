@@ -27,9 +27,10 @@ _ANSWER_LABEL = re.compile(_LABEL_PREFIX + r"(?:final[ \t]+answer|answer|respues
                            re.IGNORECASE | re.MULTILINE)
 _RATIONALE_LABEL = re.compile(_LABEL_PREFIX + r"(?:rationale|reasoning|explanation|reason|thoughts?|razonamiento)"
                               + _LABEL_SUFFIX, re.IGNORECASE | re.MULTILINE)
-# "the answer is X", "the correct answer is: X", 'the answer to the question "..." is "X"'.
+# "the answer is X", "the correct answer is: X", 'the answer to the question "..." is "X"':
+# the phrase only (X is read after it), so every occurrence on a line is found.
 _ANSWER_IS = re.compile(r"\b(?:the\s+)?(?:correct\s+|final\s+)?answer"
-                        r"(?:\s+to\s+the\s+question\s*(?:\"[^\"\n]*\"|[^\n]*?))?\s+is\s*:?\s*(.+)", re.IGNORECASE)
+                        r"(?:\s+to\s+the\s+question\s*(?:\"[^\"\n]*\"|[^\n]*?))?\s+is\s*:?[ \t]*", re.IGNORECASE)
 _QUOTED = re.compile(r"^[\"“']([^\"”'\n]+)[\"”']")
 _SENTENCE_END = re.compile(r"(?<=\w)[.;](?:\s|$)")
 _STRIP = " \t\r\n*_`\"'“”‘’"
@@ -90,10 +91,14 @@ def parse_rationale_answer(text: str) -> ParsedOutput:
     if answers:
         last = answers[-1]
         answer = clean_answer(text[last.end():]) or None
+        # "Answer: The answer is August." holds the answer "August".
+        restated = _ANSWER_IS.match(answer) if answer else None
+        if restated and restated.start() == 0:
+            answer = sentence_answer(answer[restated.end():]) or answer
         end, labelled = last.start(), True
     else:
-        found = list(_ANSWER_IS.finditer(text))
-        answer = sentence_answer(found[-1].group(1)) if found else None
+        found = [m for m in _ANSWER_IS.finditer(text) if text[m.end():].split("\n", 1)[0].strip()]
+        answer = sentence_answer(text[found[-1].end():]) if found else None
         end, labelled = (found[-1].start() if found else len(text)), False
     before = [m for m in rationale_labels if m.end() <= end]
     start = before[0].end() if before else 0

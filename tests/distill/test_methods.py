@@ -43,7 +43,8 @@ def scripted_teacher(monkeypatch, reply=None) -> list[tuple[str, int]]:
 
     gold, calls = _gold_by_question(), []
 
-    def fake(model, tokenizer, prompts, max_new_tokens=128, batch_size=8, desc="generate", progress=True):
+    def fake(model, tokenizer, prompts, max_new_tokens=128, batch_size=8, desc="generate", progress=True,
+             primers=None):
         calls.append((desc, len(prompts)))
         if reply is not None:
             return [reply for _ in prompts]

@@ -35,8 +35,8 @@ def scripted(replies_by_step):
     """A fake teacher: replies looked up by (step, item question) -> text; records the prompts it saw."""
     seen = []
 
-    def generate(prompts, step):
-        seen.append((step, list(prompts)))
+    def generate(prompts, step, primers):
+        seen.append((step, list(prompts), list(primers)))
         return [replies_by_step(step, p) for p in prompts]
 
     return generate, seen
@@ -73,6 +73,18 @@ def test_min_score_threshold():
     assert (kept, reason) == (False, "wrong_answer") and score == pytest.approx(0.8)
 
 
+def test_rationale_copying_the_worked_example_is_dropped():
+    # Real SmolLM2-135M output: the example's engineer carried into another item's rationale.
+    copied = parse_rationale_answer("Rationale: The context says the bridge was opened in 1871 by the engineer "
+                                    "Mira Castel.\nAnswer: 1871")
+    assert filter_decision(ITEMS[1], copied, True, min_score=0.5)[:2] == (False, "copied_example")
+    # The same name is fine where the item itself holds it.
+    own = QAItem(id="own", question="Who opened it?", context="Mira Castel opened the bridge in 1871.",
+                 answers=("Mira Castel",))
+    parsed = parse_rationale_answer("Rationale: The context says Mira Castel opened it.\nAnswer: Mira Castel")
+    assert filter_decision(own, parsed, True, min_score=0.5)[:2] == (True, None)
+
+
 def test_critique_revision_steps_and_record():
     def replies(step, prompt):
         return {"draft": "Rationale: It was founded in 1923 as the text says.\nAnswer: 1923",
@@ -81,7 +93,8 @@ def test_critique_revision_steps_and_record():
 
     generate, seen = scripted(replies)
     (record,) = teacher_records([ITEMS[1]], "critique-revision", generate)
-    assert [s for s, _ in seen] == ["draft", "critique", "revision"]
+    assert [s for s, *_ in seen] == ["draft", "critique", "revision"]
+    assert [p[0] for *_, p in seen] == ["Rationale: The context says", "", "Rationale: The context says"]
     assert "The correct answer is: 1871" in seen[1][1][0]                 # the critic sees the gold answer
     assert "It was founded in 1923" in seen[1][1][0]                      # ... and the draft
     assert "misreads the year" in seen[2][1][0]                           # the reviser sees the critique
@@ -157,7 +170,7 @@ def test_pairs_bad_inputs():
     nothing_kept = [r for r in records if not r.kept]
     with pytest.raises(DataError, match="no teacher record was kept"):
         build_pairs(nothing_kept, "answer")
-    answers_only = teacher_records(ITEMS[:1], "answer", lambda prompts, step: ["Adaline Qorr"] * len(prompts))
+    answers_only = teacher_records(ITEMS[:1], "answer", lambda prompts, step, primers: ["Adaline Qorr"] * len(prompts))
     assert build_pairs(answers_only, "answer")[0].target == " Adaline Qorr"
     with pytest.raises(DataError, match="generated with --method answer"):
         build_pairs(answers_only, "rationale")
@@ -168,7 +181,7 @@ def test_code_item_kept_when_its_tests_pass():
                   task="free_text", meta={"tests": "assert add(2, 2) == 4"})
 
     def replies(body):
-        return lambda prompts, step: [f"Rationale: add the two arguments.\n```python\n{body}\n```\nAnswer: the code above"]
+        return lambda prompts, step, primers: [f"Rationale: add the two arguments.\n```python\n{body}\n```\nAnswer: the code above"]
 
     (good,) = teacher_records([item], "rationale", replies("def add(a, b):\n    return a + b"))
     (bad,) = teacher_records([item], "rationale", replies("def add(a, b):\n    return a * 3"))
@@ -184,6 +197,6 @@ def test_multiple_choice_answer_targets_are_choice_texts():
     assert answer_target(MC, "bank") == " bank"
     assert answer_target(MC, "somewhere wet") == " somewhere wet"      # names no choice: kept as written
     assert answer_target(ITEMS[0], " Adaline Qorr ") == " Adaline Qorr"
-    records = teacher_records([MC], "rationale", lambda prompts, step: ["Rationale: Water is in a river.\nAnswer: B"])
+    records = teacher_records([MC], "rationale", lambda prompts, step, primers: ["Rationale: Water is in a river.\nAnswer: B"])
     assert [(p.task, p.target) for p in build_pairs(records, "multitask")] == [
         ("answer", " river"), ("rationale", " Water is in a river.")]

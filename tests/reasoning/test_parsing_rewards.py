@@ -35,6 +35,11 @@ FREE = QAItem(id="ft", question="Describe it.", answers=("the cat on the mat",),
     ("It ends here.\nExplanation: The answer is 6600 visitantes. The explanation is short.", "", "6600 visitantes",
      False),
     ('The answer to the question "In what year was it first climbed?" is 1760.', "", "1760", False),
+    # The last "the answer is" of a line; an answer label restating "The answer is X".
+    ("Rationale: The answer is 877. The context says it is 877 km long. The answer is 877.",
+     "The answer is 877. The context says it is 877 km long.", "877", False),
+    ("Rationale: The context says it is held in August.\nAnswer: The answer is August.",
+     "The context says it is held in August.", "August", True),
     ("no format at all", "no format at all", None, False),
     ("Rationale: something\nAnswer:", "something", None, True),
 ])

@@ -55,6 +55,10 @@ def test_generate_data_without_usable_rationale(tiny_llama_dir, tmp_path, method
     steps = ["rationale"] if method == "rationale" else ["draft", "critique", "revision"]
     assert len(lines) == 2 and all(list(x["outputs"]) == steps for x in lines)
     assert all(not x["kept"] and x["drop_reason"] in (NO_ANSWER, NO_RATIONALE) for x in lines)
+    # Rationale replies are primed: the teacher continued "Rationale: The context says"; critiques are not.
+    for x in lines:
+        assert x["outputs"][steps[-1]].startswith("Rationale: The context says")
+        assert not x["outputs"].get("critique", "").startswith("Rationale:")
 
 
 def test_generate_data_bad_method(tiny_llama_dir, tmp_path):

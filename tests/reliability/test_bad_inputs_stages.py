@@ -136,6 +136,8 @@ CASES = {
                          2, "distill.temperature: 0.0 is below the minimum 0.05"),
     "kd ratio two": (["distill", "--teacher", "{tiny}", "--out", "{out}", "--kd-ratio", "2"],
                      2, "distill.kd_ratio: 2.0 is above the maximum 1"),
+    "kd ratio without a divergence": (["distill", "--teacher", "{tiny}", "--out", "{out}", "--loss", "none",
+                                       "--kd-ratio", "0.3"], 2, "--kd-ratio 0.3 weighs the divergence, which loss 'none'"),
     "one-shot beyond range": (["distill", "--teacher", "{tiny}", "--out", "{out}", "--shots", "2"],
                               2, "Invalid value for '--shots': 2 is not in the range 0<=x<=1"),
     "student with another tokenizer": (["distill", "--teacher", "{teacher4}", "--student", "{other_tokenizer}",
