@@ -11,7 +11,9 @@ inside the rationale, or wrap a choice letter as "(B)", "B.", "B) bank". The rul
 - without an answer label, "the answer is X" or 'the answer to the question "..." is X'
   (last one) is accepted, flagged as such; X is a quoted string or runs to the sentence end;
 - the rationale is the text between the rationale label (if any) and that answer
-  label; without a rationale label, everything before the answer label.
+  label; without a rationale label, everything before the answer label;
+- a line starting "Question:" or "Context:" ends the output: the model has begun
+  another example of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ _RATIONALE_LABEL = re.compile(_LABEL_PREFIX + r"(?:rationale|reasoning|explanati
 # the phrase only (X is read after it), so every occurrence on a line is found.
 _ANSWER_IS = re.compile(r"\b(?:the\s+)?(?:correct\s+|final\s+)?answer"
                         r"(?:\s+to\s+the\s+question\s*(?:\"[^\"\n]*\"|[^\n]*?))?\s+is\s*:?[ \t]*", re.IGNORECASE)
+# A line opening a new "Context:" / "Question:" block: the model has started another example.
+_NEW_EXAMPLE = re.compile(r"^[ \t>#*_]*(?:question|context|pregunta|contexto)[ \t*_]*[:：]", re.IGNORECASE | re.MULTILINE)
 _QUOTED = re.compile(r"^[\"“']([^\"”'\n]+)[\"”']")
 _SENTENCE_END = re.compile(r"(?<=\w)[.;](?:\s|$)")
 _STRIP = " \t\r\n*_`\"'“”‘’"
@@ -86,6 +90,9 @@ def parse_rationale_answer(text: str) -> ParsedOutput:
         A ParsedOutput; `answer` is None if neither an answer label nor "the answer is"
         occurs (or nothing follows it).
     """
+    # Small models run on into an invented next example ("Answer: 1902\n\nQuestion: ...\nAnswer: 7");
+    # only the text before it answers this question.
+    text = _NEW_EXAMPLE.split(text, maxsplit=1)[0]
     answers = list(_ANSWER_LABEL.finditer(text))
     rationale_labels = list(_RATIONALE_LABEL.finditer(text))
     if answers:

@@ -40,6 +40,11 @@ FREE = QAItem(id="ft", question="Describe it.", answers=("the cat on the mat",),
      "The answer is 877. The context says it is 877 km long.", "877", False),
     ("Rationale: The context says it is held in August.\nAnswer: The answer is August.",
      "The context says it is held in August.", "August", True),
+    # Real outputs running on into an invented example: only the text before it counts.
+    ("Rationale: The context says it took place in 1902.\nAnswer: 1902\n\nQuestion: How many visitors come?\n"
+     "Rationale: It says 500.\nAnswer: 500", "The context says it took place in 1902.", "1902", True),
+    ("Context: The Orlan Bridge was opened in 1902.\nQuestion: When?\nRationale: It says 1902.\nAnswer: 1902",
+     "", None, False),
     ("no format at all", "no format at all", None, False),
     ("Rationale: something\nAnswer:", "something", None, True),
 ])
