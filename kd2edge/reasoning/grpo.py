@@ -195,12 +195,14 @@ def _plot_rewards(rows: Sequence[dict], names: Sequence[str], path: Path) -> str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = [r["step"] for r in rows]
     ax.plot(x, [r["reward"] for r in rows], label="weighted reward", marker="o")
     for name in names:
         ax.plot(x, [r[name] for r in rows], label=name, linestyle="--")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # steps are whole numbers
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean reward")
     ax.legend()
