@@ -87,7 +87,7 @@ def _distill_summary(metrics: dict) -> str:
 @click.option("--temperature", type=float, default=None, help="Softmax temperature of the divergence.")
 @click.option("--kd-ratio", type=float, default=None, help="Weight of the divergence (the rest: CE on the gold answer).")
 @click.option("--data", default=None, help="Training data: 'embedded', a hub id, or a SQuAD JSON / JSONL file.")
-@click.option("--shots", type=click.IntRange(0, 1), default=None, help="Zero- or one-shot training prompts.")
+@click.option("--shots", type=click.IntRange(0, 1), default=None, help="Zero- or one-shot training prompts. [default: 1]")
 @click.option("--sequence-kd/--no-sequence-kd", default=None, help="Train on the teacher's own answers.")
 @click.option("--data-method", type=click.Choice(DATA_METHODS), default=None,
               help="What the teacher writes to train on: 'answer' (gold answers, or the teacher's with "
