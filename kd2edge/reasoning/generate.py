@@ -249,11 +249,12 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         model, tokenizer: a transformers causal LM (eval mode) and its tokenizer.
         prompts: user messages (plain text, no template).
         max_new_tokens: reply length limit.
-        primers: per prompt, the text the reply starts with (placed after the
-            template's assistant turn; the model continues it); None: no primers.
         batch_size: prompts per batch; prompts are sorted by length so a batch pads
             little, and replies come back in the input order.
         desc: progress bar label (tqdm, stderr).
+        progress: show the progress bar.
+        primers: per prompt, the text the reply starts with (placed after the
+            template's assistant turn; the model continues it); None: no primers.
 
     Returns:
         The decoded replies, primer included (special tokens removed, stripped), one per prompt.
