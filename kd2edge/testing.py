@@ -46,8 +46,9 @@ def tiny_tokenizer():
 
 
 def tiny_config(arch: str, vocab_size: int, num_layers: int = 2, hidden: int = 64):
-    """A transformers config for a tiny model of `arch` (llama, qwen2, gpt_neox)."""
-    from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config
+    """A transformers config for a tiny model of `arch` (llama, qwen2, gpt_neox; also mistral,
+    used by the fused-exporter tests only)."""
+    from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers,
                   num_attention_heads=4, intermediate_size=hidden * 2, max_position_embeddings=512)
@@ -55,9 +56,12 @@ def tiny_config(arch: str, vocab_size: int, num_layers: int = 2, hidden: int = 6
         return LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True)
     if arch == "qwen2":
         return Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=False)
+    if arch == "mistral":
+        # Full attention (no sliding window): the configuration the fused exporter supports.
+        return MistralConfig(**common, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)
     if arch == "gpt_neox":
         return GPTNeoXConfig(**common, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
-    raise ValueError(f"unknown tiny arch {arch!r} (known: {', '.join(ARCHS)})")
+    raise ValueError(f"unknown tiny arch {arch!r} (known: {', '.join(ARCHS)}, mistral)")
 
 
 def tiny_model(arch: str = "llama", num_layers: int = 2, hidden: int = 64, seed: int = 0):

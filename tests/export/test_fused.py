@@ -65,7 +65,7 @@ def shared_checkpoints(tmp_path_factory):
     from kd2edge.export.testing import tiny_gptq_checkpoint
 
     root = tmp_path_factory.mktemp("gptq_shared")
-    return {arch: tiny_gptq_checkpoint(root / arch, arch, shared_inputs=True) for arch in ("llama", "qwen2")}
+    return {arch: tiny_gptq_checkpoint(root / arch, arch, shared_inputs=True) for arch in ("llama", "qwen2", "mistral")}
 
 
 def _ops(folder) -> collections.Counter:
@@ -74,7 +74,7 @@ def _ops(folder) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_fused_graph_merges_shared_projections_and_matches_pytorch(shared_checkpoints, tmp_path, arch):
     from exporters.optimum_onnx import export
     from kd2edge.export.parity import check_parity
