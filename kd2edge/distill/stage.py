@@ -27,7 +27,7 @@ from pathlib import Path
 
 from kd2edge.artifacts import Artifact, work_dir, write_artifact
 from kd2edge.config import RunConfig
-from kd2edge.errors import ConfigError, DataError, ModelError, StageError
+from kd2edge.errors import ArtifactError, ConfigError, DataError, ModelError, StageError
 
 CALIBRATION_ITEMS = 32   # prompts used to measure block influence
 TEACHER_MAX_NEW_TOKENS = 160   # rationale (or draft/critique/revision) length limit, as `kd2edge generate-data`
@@ -35,6 +35,15 @@ MIN_ANSWER_SCORE = 0.5   # a teacher answer counts as right at F1 / Rouge-L >= t
 TEACHER_RECORDS = "teacher_records.jsonl"
 GRPO_WEIGHTS = {"correctness": 1.0, "format": 0.2}
 GRPO_GENERATIONS, GRPO_MAX_NEW_TOKENS, GRPO_LR = 4, 64, 1e-6
+
+
+def train_item_limit(d) -> int | None:
+    """Training items read: what `steps` x `grad_accum` x `batch_size` consume (one epoch), at most
+    `train_limit`; with 0 steps, `train_limit` (None: the whole split)."""
+    micro_batches = d.steps * d.grad_accum
+    if not micro_batches:
+        return d.train_limit
+    return min(x for x in (d.train_limit, micro_batches * d.batch_size) if x is not None)
 
 
 def plan_for(config: RunConfig, teacher_path: Path) -> dict:
@@ -154,8 +163,6 @@ def grpo_after_kd(student, tokenizer, items, work: Path, steps: int, seed: int) 
     Returns:
         (the GRPO-trained student, loaded in fp32 on the CPU, in eval mode; run_grpo's result).
     """
-    from kd2edge.artifacts import Artifact
-    from kd2edge.errors import ArtifactError
     from kd2edge.models import load_causal_lm
     from kd2edge.reasoning.grpo import run_grpo
 
@@ -245,9 +252,7 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     plan = None if d.student else plan_for(config, teacher_path)
 
     # Data before models: an unusable dataset fails in seconds.
-    micro_batches = d.steps * d.grad_accum
-    limit = min(x for x in (d.train_limit, micro_batches * d.batch_size) if x is not None) if micro_batches else d.train_limit
-    train_set = load_qa(config.data, "train", limit, config.seed)
+    train_set = load_qa(config.data, "train", train_item_limit(d), config.seed)
     items = [it for it in train_set.items if it.gold]
     prompts = ddata.build_prompts(items, train_set.items, d.shots, config.seed)
     if d.data_method == "answer":
@@ -435,15 +440,13 @@ def estimate(config: RunConfig, input_artifact: Artifact):
     as the teacher with --student (it must be smaller); it has at most the teacher's layers; every
     training item is counted at max_length.
     """
-    from kd2edge.quant.stage import model_dims, stored_weights
+    from kd2edge.quant.stage import hidden_size, model_dims, stored_weights
 
     d = config.distill
     teacher, _ = stored_weights(Path(input_artifact.path))
     dims = model_dims(Path(input_artifact.path))
     student = teacher if d.student else int(teacher * d.max_param_fraction)
-    micro_batches = d.steps * d.grad_accum
-    items = min(x for x in (d.train_limit, micro_batches * d.batch_size) if x is not None) if micro_batches else (
-        d.train_limit or 0)
-    hidden = dims.get("hidden_size") or dims.get("n_embd") or 0
-    return distill_needs(teacher, student, d.max_length, d.batch_size, hidden, dims.get("num_hidden_layers") or 0,
-                         dims.get("vocab_size") or 0, items * d.max_length, d.topk_logits)
+    items = train_item_limit(d) or 0
+    return distill_needs(teacher, student, d.max_length, d.batch_size, hidden_size(dims),
+                         dims.get("num_hidden_layers") or 0, dims.get("vocab_size") or 0, items * d.max_length,
+                         d.topk_logits)

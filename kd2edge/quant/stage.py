@@ -225,6 +225,11 @@ def model_dims(folder: Path) -> dict:
         return {}
 
 
+def hidden_size(dims: dict) -> int:
+    """The model width in a config.json dict (`hidden_size`, GPT-2 style `n_embd`), 0 if absent."""
+    return dims.get("hidden_size") or dims.get("n_embd") or 0
+
+
 def quantize_needs(total_params: int, linear_params: int, hidden: int, intermediate: int, bits: int,
                    group_size: int, calib_tokens: int):
     """Disk and peak memory of GPTQ on one model (bytes).
@@ -257,6 +262,6 @@ def estimate(config, input_artifact: Artifact):
     src = model_folder(input_artifact)
     total, layer = stored_weights(src)
     dims = model_dims(src)
-    hidden = dims.get("hidden_size") or dims.get("n_embd") or 0
+    hidden = hidden_size(dims)
     return quantize_needs(total, layer, hidden, dims.get("intermediate_size") or 4 * hidden, q.bits, q.group_size,
                           q.calib_samples * q.calib_max_tokens)
