@@ -4,7 +4,7 @@
                                       [--variants onnx,onnx-genai,...] [--plot decode.png]
 
 Without --checkpoint, the embedded teacher (SmolLM2-135M-Instruct) is quantized with
-4-bit RTN (group 64, kd2edge.quant) into a GPTQ checkpoint. Every variant is exported
+4-bit RTN (group 64, kd2edge.quantize) into a GPTQ checkpoint. Every variant is exported
 (into --work, reused when already there), loaded once, warmed up, then timed round-robin:
 repeat r runs each variant once, starting at a different variant each round, so a busy
 neighbour slows all variants alike; medians are reported.
@@ -45,7 +45,7 @@ DEFAULT_VARIANTS = ("onnx", "onnx-int4emb-acc4", "onnx-traced", "onnx-genai", "p
 def build(variant: str, checkpoint: Path, out: Path) -> None:
     """Export `checkpoint` as `variant` into `out`."""
     from exporters.genai import export as genai_export
-    from exporters.optimum_onnx import export
+    from exporters.onnx_export import export
 
     if variant == "onnx-genai":
         genai_export(checkpoint, out)
@@ -124,7 +124,7 @@ def kv_bytes(config: dict, context: int) -> int:
 
 def onnx_runner(folder: Path, threads: int, new_tokens: int) -> Callable[[], tuple[float, float]]:
     """A callable timing one greedy generation: (TTFT s, decode tokens/s)."""
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     lm = OnnxLM.load(folder, threads=threads)
     ids = lm.encode(PROMPT)
@@ -141,7 +141,7 @@ def pytorch_runner(checkpoint: Path, threads: int, new_tokens: int) -> Callable[
     """The same greedy loop as OnnxLM.generate (prefill, then one cached step a token) in PyTorch fp32."""
     import torch
 
-    from kd2edge.quant.checkpoint import load_dequantized_model
+    from kd2edge.gptq_checkpoint import load_dequantized_model
 
     torch.set_num_threads(threads)
     model, tokenizer = load_dequantized_model(checkpoint)
@@ -213,7 +213,7 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}: choose from {', '.join(ALL_VARIANTS)}")
 
     from kd2edge.errors import ModelError
-    from kd2edge.export.testing import embedded_rtn_checkpoint
+    from kd2edge.testing import embedded_rtn_checkpoint
 
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint or args.work / "teacher-rtn"

@@ -38,7 +38,7 @@ def held_out_texts() -> list[str]:
 
 
 def perplexity(model, tokenizer, texts: list[str]) -> float:
-    from kd2edge.quant.stage import mean_nll
+    from kd2edge.quantize.stage import mean_nll
 
     return math.exp(mean_nll(model, [tokenizer(t, return_tensors="pt").input_ids[0] for t in texts]))
 
@@ -47,8 +47,8 @@ def bench_model(spec: str, args) -> dict:
     import torch
 
     from kd2edge.models import load_causal_lm, resolve_model
-    from kd2edge.quant.orchestrate import quantize_model, summarize
-    from kd2edge.quant.stage import calibration_texts, tokenize_calibration
+    from kd2edge.quantize.orchestrate import quantize_model, summarize
+    from kd2edge.quantize.stage import calibration_texts, tokenize_calibration
 
     path = resolve_model(spec).path
     texts = held_out_texts()

@@ -38,7 +38,7 @@ def check_loaders(samples: Path) -> dict:
 
 def check_teacher(n: int, seed: int) -> dict:
     """EM/F1 of the embedded teacher (PyTorch, through the evaluation stage's code) on embedded validation."""
-    from kd2edge.evaluate.evaluator import evaluate
+    from kd2edge.scoring.evaluator import evaluate
 
     out = {}
     for shots in (0, 1):

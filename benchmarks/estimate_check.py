@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     base, _, _ = peak_rss([sys.executable, "-c", "import torch, transformers, onnxruntime"])
     steps = [("distill", "kd2edge.distill.stage", resolve_model(args.teacher),
               py + ["distill", "--config", str(config_file), "--out", str(out / "distill"), "--force"]),
-             ("quantize", "kd2edge.quant.stage", None,
+             ("quantize", "kd2edge.quantize.stage", None,
               py + ["quantize", str(out / "distill"), "--config", str(config_file), "--out", str(out / "quantize"),
                     "--force"]),
              ("export", "kd2edge.export.stage", None,

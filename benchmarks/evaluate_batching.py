@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from kd2edge.evaluate.evaluator import load_backend, prepare, run_items, summarize
+    from kd2edge.scoring.backends import load_backend
+    from kd2edge.scoring.evaluator import prepare, run_items, summarize
 
     evalset = prepare(args.data, args.split, args.shots, args.limit, seed=0)
     backend = load_backend(args.model)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from kd2edge.package.launch import ServerProcess, request_json
-from kd2edge.profiling.stats import percentile
+from kd2edge.runtime.stats import percentile
 
 BUILTIN = [
     ("Who founded the Velmora Institute?", "The Velmora Institute was founded in 1871 by Adaline Qorr in Tessaly."),
@@ -55,7 +55,7 @@ def export_tiny(folder: Path) -> Path:
     from optimum.exporters.onnx import main_export
 
     from kd2edge.artifacts import write_artifact
-    from kd2edge.export.testing import sharp_tiny_model_dir
+    from kd2edge.testing import sharp_tiny_model_dir
 
     src = sharp_tiny_model_dir(folder / "src", "llama")
     main_export(str(src), output=str(folder / "export"), task="text-generation-with-past", do_validation=False)

@@ -13,7 +13,7 @@ from typing import Callable
 
 def _onnx(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = False,
           accuracy_level: int | None = None) -> dict:
-    from exporters.optimum_onnx import export
+    from exporters.onnx_export import export
 
     return export(checkpoint_dir, out_dir, quantize_embeddings=quantize_embeddings,
                   accuracy_level=0 if accuracy_level is None else accuracy_level)

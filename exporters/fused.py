@@ -18,7 +18,7 @@ exact GPTQ codes and act-order permutations:
         -> QuickGelu(gate) * up  (SiLU = x * sigmoid(x): QuickGelu with alpha 1) -> MatMulNBits down
     final SkipSimplifiedLayerNormalization -> lm_head (float MatMul, or 4-bit MatMulNBits)
 
-Inputs and outputs are the genai layout that `kd2edge.runtime` runs: input_ids,
+Inputs and outputs are the genai layout that `kd2edge.runtime.lm` runs: input_ids,
 attention_mask, past_key_values.{i}.key/value [batch, kv_heads, past, head_dim] ->
 logits [batch, seq, vocab], present.{i}.key/value (keys after rotary, as transformers caches them).
 """
@@ -188,7 +188,7 @@ def build_fused_decoder(model, layers: dict, vocab_q: dict, accuracy_level: int)
     head = model.get_output_embeddings()
     tied = head.weight is embedding.weight
     if vocab_q:
-        from exporters.optimum_onnx import vocab_packed
+        from exporters.vocab import vocab_packed
 
         embed_packed = vocab_packed(vocab_q[embed_name])
         embed_weights = g.add_nbits_initializers(proto, embed_name, embed_packed)

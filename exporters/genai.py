@@ -2,7 +2,7 @@
 
 The builder writes a hand-fused decoder (GroupQueryAttention, SkipSimplifiedLayerNorm,
 MatMulNBits) and genai_config.json, for the architectures it has a builder for.
-kd2edge.runtime runs the result with a plain onnxruntime session and `tokenizers`.
+kd2edge.runtime.lm runs the result with a plain onnxruntime session and `tokenizers`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
         ArtifactError: not a GPTQ checkpoint.
         ModelError: an architecture the builder does not support.
     """
-    from kd2edge.quant.checkpoint import is_gptq_checkpoint
+    from kd2edge.gptq_checkpoint import is_gptq_checkpoint
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if not is_gptq_checkpoint(checkpoint_dir):

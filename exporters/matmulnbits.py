@@ -162,7 +162,7 @@ def rtn_blocks(weight: np.ndarray, block_size: int) -> dict:
 
 
 def pack_gptq_layer(qt) -> dict:
-    """`to_matmulnbits` of one `kd2edge.quant.checkpoint.QuantTensors` (its codes, zeros, scales, g_idx)."""
+    """`to_matmulnbits` of one `kd2edge.gptq_checkpoint.QuantTensors` (its codes, zeros, scales, g_idx)."""
     codes, zeros = gptq_codes(qt.qweight.numpy(), qt.qzeros.numpy(), qt.bits)
     return to_matmulnbits(codes, zeros, qt.scales.float().numpy(), qt.g_idx.numpy(), qt.group_size)
 

@@ -189,6 +189,32 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+class Stopwatch:
+    """Seconds per named step of a stage, for its manifest's `timings`: `with clock("train_s"): ...`."""
+
+    def __init__(self):
+        self.started, self.timings = time.perf_counter(), {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t, 3)
+
+    def total(self) -> dict:
+        """The timings with `total_s`, the seconds since the stopwatch started."""
+        return {**self.timings, "total_s": round(time.perf_counter() - self.started, 3)}
+
+
+def cached_json(path: Path, compute):
+    """A JSON-able result kept at `path` (in a stage's work dir), so a resumed run does not compute it again."""
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    value = compute()
+    write_json_atomic(path, value)
+    return value
+
+
 def partial_dir(final: Path) -> Path:
     return final.parent / f".{final.name}.partial"
 

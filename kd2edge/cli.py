@@ -26,7 +26,7 @@ LAZY_COMMANDS = {
     "generate-data": ("kd2edge.reasoning.cli", "generate_data", "Have the teacher write answers, rationales or critique-revised rationales."),
     "grpo": ("kd2edge.reasoning.cli", "grpo", "Fine-tune a distilled student with GRPO on QA rewards."),
     "eval-rationales": ("kd2edge.reasoning.cli", "eval_rationales", "Multiple-choice accuracy with and without a rationale."),
-    "quantize": ("kd2edge.quant.cli", "quantize", "Quantize a model to 4 bits with GPTQ (or RTN)."),
+    "quantize": ("kd2edge.quantize.cli", "quantize", "Quantize a model to 4 bits with GPTQ (or RTN)."),
     "export": ("kd2edge.export.cli", "export", "Export a quantized model to ONNX with a KV cache."),
     "generate": ("kd2edge.export.cli", "generate", "Answer a question with an exported artifact."),
     "profile": ("kd2edge.profiling.cli", "profile", "Measure latency, memory and size against the budgets."),

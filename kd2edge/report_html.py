@@ -1,8 +1,8 @@
 """report.html: the run's report.json as one self-contained, readable page.
 
 Teacher vs student vs deployed side by side (size, parameters, latency, memory, QA
-scores, retention), the budgets with their verdicts, every stage's status (missing
-and blocked ones shown as such, never as numbers), the host the profile ran on, and
+scores, retention), the budgets with their verdicts (one not measured shown as such,
+never as a number), every stage's status and time, the host the profile ran on, and
 the stages' plots embedded as base64 PNG so the file can be mailed or archived alone.
 Standard library only.
 """
@@ -40,13 +40,6 @@ figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}figcaption{
 
 def _e(value: Any) -> str:
     return html.escape(str(value))
-
-
-def _absent(block: Any) -> str | None:
-    """The 'missing: reason' text when a report block stands for a stage that did not run, else None."""
-    if isinstance(block, dict) and block.get("status") in ("missing", "blocked") and "reason" in block:
-        return f"{block['status']}: {block['reason']}"
-    return None
 
 
 def fmt(value: Any, digits: int = 1, unit: str = "") -> str:
@@ -102,51 +95,34 @@ def _profile_manifest(report: dict) -> dict:
 def comparison_rows(report: dict, baseline: dict) -> list[list[str]]:
     """Teacher / student / deployed rows: parameters, size, latency, memory, QA scores, retention.
 
-    A cell with no measurement is an em dash; a model whose stage is missing says so.
+    A cell with no measurement is an em dash.
     """
     teacher, student = report.get("teacher") or {}, report.get("student") or {}
     artifact, latency, quality = report.get("artifact") or {}, report.get("latency") or {}, report.get("quality") or {}
-    missing_student = _absent(student)
-    missing_artifact, missing_latency, missing_quality = _absent(artifact), _absent(latency), _absent(quality)
     base_ok = baseline.get("status") == "done"
     # Like for like: the deployed TTFT and decode rate at the teacher baseline's prompt length.
     base_len = str(baseline.get("prompt_tokens")) if base_ok else None
     ttft_at = (latency.get("ttft_ms_by_prompt") or {}).get(base_len, {}).get("p50") if base_len else None
     decode_at = (latency.get("decode_by_prompt") or {}).get(base_len, {}).get("tokens_per_s") if base_len else None
-
-    def miss(text: str | None) -> str:
-        return f'<span class="missing">{_e(text)}</span>'
-
+    base_note = f" ({base_len}-token prompt)" if base_len else ""
     rows = [
-        ["Model", _e(teacher.get("id") or "—"),
-         miss(missing_student) if missing_student else _e(student.get("id") or "—"),
-         miss(missing_artifact) if missing_artifact else _e(f"{artifact.get('format', 'onnx')} (4-bit)")],
-        ["Parameters", fmt(teacher.get("params")), "" if missing_student else fmt(student.get("params")),
-         "" if missing_student else fmt(student.get("params"))],
-        ["Size on disk", "—", "—",
-         "" if missing_artifact else mib(artifact.get("size_bytes"))],
+        ["Model", _e(teacher.get("id") or "—"), _e(student.get("id") or "—"),
+         _e(f"{artifact.get('format', 'onnx')} (4-bit)")],
+        ["Parameters", fmt(teacher.get("params")), fmt(student.get("params")), fmt(student.get("params"))],
+        ["Size on disk", "—", "—", mib(artifact.get("size_bytes"))],
+        [f"TTFT p50{base_note}", fmt(baseline.get("ttft_ms_p50") if base_ok else None, 1, " ms"), "—",
+         fmt(ttft_at if base_len else latency.get("ttft_ms_p50"), 1, " ms")],
+        [f"Decode speed{base_note}", fmt(baseline.get("decode_tokens_per_s") if base_ok else None, 1, " tok/s"), "—",
+         fmt(decode_at if base_len else latency.get("decode_tokens_per_s"), 1, " tok/s")],
+        ["Peak memory (process peak RSS, VmHWM)", fmt(baseline.get("peak_rss_mb") if base_ok else None, 0, " MiB"), "—",
+         fmt(latency.get("peak_rss_mb"), 0, " MiB")],
     ]
-    if missing_latency:
-        rows.append(["Latency and memory", "", "", miss(missing_latency)])
-    else:
-        base_note = f" ({base_len}-token prompt)" if base_len else ""
-        rows += [
-            [f"TTFT p50{base_note}", fmt(baseline.get("ttft_ms_p50") if base_ok else None, 1, " ms"), "—",
-             fmt(ttft_at if base_len else latency.get("ttft_ms_p50"), 1, " ms")],
-            [f"Decode speed{base_note}", fmt(baseline.get("decode_tokens_per_s") if base_ok else None, 1, " tok/s"), "—",
-             fmt(decode_at if base_len else latency.get("decode_tokens_per_s"), 1, " tok/s")],
-            ["Peak memory (process RSS)", fmt(baseline.get("peak_rss_mb") if base_ok else None, 0, " MiB"), "—",
-             fmt(latency.get("peak_rss_mb"), 0, " MiB")],
-        ]
-    if missing_quality:
-        rows.append(["QA scores", "", "", miss(missing_quality)])
-    else:
-        for key in SCORE_KEYS:
-            if any(key in (quality.get(m) or {}) for m in ("teacher", "student", "deployed")):
-                rows.append([f"QA {key.upper() if key == 'em' else key.replace('_', '-').title()}",
-                             *(fmt((quality.get(m) or {}).get(key), 3) for m in ("teacher", "student", "deployed"))])
-        student_kept = ((quality.get("retention") or {}).get("student") or {}).get("f1")
-        rows.append(["Retention (F1 vs teacher)", "100%", pct(student_kept), pct(quality.get("retention_f1"))])
+    for key in SCORE_KEYS:
+        if any(key in (quality.get(m) or {}) for m in ("teacher", "student", "deployed")):
+            rows.append([f"QA {key.upper() if key == 'em' else key.replace('_', '-').title()}",
+                         *(fmt((quality.get(m) or {}).get(key), 3) for m in ("teacher", "student", "deployed"))])
+    student_kept = ((quality.get("retention") or {}).get("student") or {}).get("f1")
+    rows.append(["Retention (F1 vs teacher)", "100%", pct(student_kept), pct(quality.get("retention_f1"))])
     return rows
 
 
@@ -176,17 +152,12 @@ def _section_budgets(report: dict) -> str:
 def _section_stages(report: dict) -> str:
     rows = []
     for name, s in (report.get("stages") or {}).items():
-        status = s.get("status", "missing")
-        css = "missing" if status in ("missing", "blocked") else ""
-        rows.append([_e(name), f'<span class="{css}">{_e(status)}</span>', fmt(s.get("seconds"), 1, " s"),
-                     _e(s.get("reason") or s.get("path") or "")])
-    return "<h2>Stages</h2>" + _table(["Stage", "Status", "Time", "Folder / reason"], rows, numeric_from=2)
+        rows.append([_e(name), _e(s.get("status")), fmt(s.get("seconds"), 1, " s"), _e(s.get("path") or "")])
+    return "<h2>Stages</h2>" + _table(["Stage", "Status", "Time", "Folder"], rows, numeric_from=2)
 
 
 def _section_latency(report: dict, manifest: dict) -> str:
     latency = report.get("latency") or {}
-    if _absent(latency):
-        return f'<h2>On-device profile</h2><p class="missing">{_e(_absent(latency))}</p>'
     rows = [[_e(n), fmt(v.get("p50"), 1), fmt(v.get("p90"), 1), fmt(v.get("min"), 1), fmt(v.get("max"), 1),
              fmt((latency.get("decode_by_prompt") or {}).get(n, {}).get("tokens_per_s"), 1)]
             for n, v in (latency.get("ttft_ms_by_prompt") or {}).items()]
@@ -225,7 +196,7 @@ def _section_plots(report: dict) -> str:
     figures = "".join(f'<figure><img alt="{_e(stage)}: {_e(name)}" src="data:image/png;base64,{data}">'
                       f"<figcaption>{_e(stage)}: {_e(name)}</figcaption></figure>"
                       for stage, name, data in embedded_plots(report))
-    return "<h2>Plots</h2>" + (figures or '<p class="missing">no plots: the stages that draw them did not run</p>')
+    return "<h2>Plots</h2>" + (figures or '<p class="missing">no plots</p>')
 
 
 def render_html(report: dict) -> str:
@@ -233,9 +204,7 @@ def render_html(report: dict) -> str:
     manifest = _profile_manifest(report)
     baseline = report.get("baseline_teacher") or (manifest.get("metrics") or {}).get("baseline_teacher") or {}
     verdict = report.get("pass")
-    badge = {True: ("pass", "PASS"), False: ("fail", "FAIL")}.get(
-        verdict, ("open", "INCOMPLETE" + (f" (missing: {', '.join(report.get('missing_stages') or [])})"
-                                          if report.get("missing_stages") else "")))
+    badge = {True: ("pass", "PASS"), False: ("fail", "FAIL")}.get(verdict, ("open", "OPEN (a budget not measured)"))
     config = json.dumps(report.get("config", {}), indent=2, default=str)
     return (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 import string
-from typing import Sequence
+from typing import Callable, Literal, Sequence
 
 from kd2edge.data.items import QAItem, Task
 from kd2edge.errors import DataError
@@ -157,3 +157,50 @@ def match_choice(answer: str, item: QAItem) -> str | None:
     if head in labels and norm(rest) == norm(item.choices[item.choice_labels.index(labels[head])]):
         return labels[head]
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Students trained on teacher rationales (kd2edge.reasoning): how each training method is asked.
+
+TrainMethod = Literal["answer", "rationale", "multitask"]
+TRAIN_METHODS = ("answer", "rationale", "multitask")
+ANSWER_PREFIX, RATIONALE_PREFIX = "[answer] ", "[rationale] "
+
+
+def task_block(item: QAItem) -> str:
+    """The question as the teacher sees it: context, question and lettered choices."""
+    parts = []
+    if item.context:
+        parts.append(f"Context: {item.context}")
+    parts.append(f"Question: {item.question}")
+    if item.task == "multiple_choice":
+        parts.append("Choices:\n" + "\n".join(f"{label}. {c}" for label, c in zip(item.choice_labels, item.choices)))
+    return "\n".join(parts)
+
+
+def answer_kind(item: QAItem) -> str:
+    """What the Answer line should hold, for the format instruction."""
+    if item.task == "multiple_choice":
+        return "the letter of the correct choice"
+    if item.task == "extractive":
+        return "the shortest span of the context that answers the question"
+    return "your answer"
+
+
+def rationale_student_prompt(item: QAItem) -> str:
+    """The student's prompt for rationale-then-answer: question, instruction, "Rationale:"."""
+    return (f"{task_block(item)}\nExplain your reasoning, then give {answer_kind(item)} "
+            f"after \"Answer:\".\nRationale:")
+
+
+def eval_prompt(item: QAItem, method: str, prompt_fn: Callable[[QAItem], str] | None = None,
+                answer_prefix: str = ANSWER_PREFIX) -> str:
+    """The prompt a student trained with `method` is asked at test time.
+
+    "answer": the plain prompt; "rationale": `rationale_student_prompt`; "multitask":
+    the answer task's prompt (prefix + plain prompt).
+    """
+    if method == "rationale":
+        return rationale_student_prompt(item)
+    plain = (prompt_fn or build_prompt)(item)
+    return answer_prefix + plain if method == "multitask" else plain

@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 
 from kd2edge.cli_common import config_option, emit, info, json_option, profile_option, table
+from kd2edge.data.prompts import TRAIN_METHODS
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "none")
 DATA_METHODS = ("answer", "rationale", "critique-revision")   # as kd2edge.reasoning.generate (kept light here)
-TRAIN_METHODS = ("answer", "rationale", "multitask")        # as kd2edge.reasoning.methods
 
 
 def _plan_summary(result: dict) -> str:
@@ -19,7 +19,7 @@ def _plan_summary(result: dict) -> str:
     chosen = result["choice"]["layers"]
     rows = [[("*" if c["layers"] == chosen else "") + str(c["layers"]), f"{c['params'] / 1e6:.1f}M",
              f"{c['param_fraction']:.2f}", format_bytes(c["size_bytes"]), format_bytes(c["kv_cache_bytes"]),
-             f"{c['decode_tokens_per_s']:.0f}", ", ".join(c["fails"]) or "fits"]
+             f"{c['predicted_tokens_per_s']:.0f}", ", ".join(c["fails"]) or "fits"]
             for c in result["candidates"]]
     a, t = result["assumptions"], result["teacher"]
     head = (f"teacher {result['teacher_id']}: {t['params'] / 1e6:.1f}M parameters, {t['layers']} layers; "
@@ -43,14 +43,17 @@ def plan(teacher, profile, config_file, max_param_fraction, as_json):
     decode-speed budgets; predicted tokens/s = memory bandwidth / (4-bit weights + KV cache).
     """
     from kd2edge.config import load_config
-    from kd2edge.distill.stage import plan_for
+    from kd2edge.distill.plan import plan_student
     from kd2edge.models import resolve_model
 
     config = load_config(config_file, profile=profile,
                          overrides={"teacher": teacher, "distill.max_param_fraction": max_param_fraction})
     artifact = resolve_model(config.teacher)
     result = {"teacher_id": artifact.manifest.get("id", config.teacher), "profile": config.profile.name,
-              **plan_for(config, artifact.path)}
+              **plan_student(artifact.path, config.profile, bits=config.quantize.bits,
+                             group_size=config.quantize.group_size,
+                             max_param_fraction=config.distill.max_param_fraction,
+                             student_layers=config.distill.student_layers)}
     emit(result, as_json, _plan_summary)
 
 

@@ -22,6 +22,33 @@ from kd2edge.errors import DataError
 
 TEACHER_CACHE = "teacher_logits.pt"
 SEQKD_CACHE = "teacher_answers.json"
+TEACHER_RECORDS = "teacher_records.jsonl"
+TEACHER_MAX_NEW_TOKENS = 160   # rationale (or draft/critique/revision) length limit, as `kd2edge generate-data`
+MIN_ANSWER_SCORE = 0.5   # a teacher answer counts as right at F1 / Rouge-L >= this (choice: exact)
+
+
+def train_item_limit(steps: int, grad_accum: int, batch_size: int, train_limit: int | None) -> int | None:
+    """Training items read: what `steps` x `grad_accum` x `batch_size` consume (one epoch), at most
+    `train_limit`; with 0 steps, `train_limit` (None: the whole split)."""
+    micro_batches = steps * grad_accum
+    if not micro_batches:
+        return train_limit
+    return min(x for x in (train_limit, micro_batches * batch_size) if x is not None)
+
+
+def training_items(data: str, limit: int | None, shots: int, seed: int) -> tuple[list, list[str]]:
+    """The labelled items of the train split of `data` and their user prompts (`build_prompts`).
+
+    Raises:
+        DataError: the split cannot be read, or none of its items has a gold answer.
+    """
+    from kd2edge.data.loaders import load_qa
+
+    train_set = load_qa(data, "train", limit, seed)
+    items = [it for it in train_set.items if it.gold]
+    if not items:
+        raise DataError(f"{data} has no training item with a gold answer: choose a labelled dataset")
+    return items, build_prompts(items, train_set.items, shots, seed)
 
 
 def build_prompts(items: Sequence, pool: Sequence, shots: int, seed: int) -> list[str]:
@@ -82,7 +109,7 @@ def build_examples(tokenizer, items: Sequence, prompts: Sequence[str], targets: 
     Raises:
         DataError: no item is usable.
     """
-    from kd2edge.evaluate.evaluator import TorchBackend
+    from kd2edge.scoring.backends import TorchBackend
 
     backend = TorchBackend(None, tokenizer)
     eos = tokenizer.eos_token_id
@@ -103,6 +130,46 @@ def build_examples(tokenizer, items: Sequence, prompts: Sequence[str], targets: 
     return examples, skipped
 
 
+def answer_examples(tokenizer, items: Sequence, prompts: Sequence[str], max_length: int) -> tuple[list[TrainExample], int]:
+    """`build_examples` with the gold answers as targets (the "answer" path)."""
+    from kd2edge.data.prompts import target_text
+
+    return build_examples(tokenizer, items, prompts, [target_text(it) for it in items], max_length)
+
+
+def rationale_examples(teacher, tokenizer, items: Sequence, prompts: Sequence[str], *, data_method: str,
+                       train_method: str, keep: str, max_length: int, cache: Path, batch_size: int, out: Path):
+    """Training examples from the teacher's rationales (issue #9, `kd2edge.reasoning`).
+
+    The teacher writes "Rationale: ... Answer: ..." (or draft -> critique -> revision) for every
+    item, generated once into `cache` and copied to `out` for the user to read; the filter keeps
+    what `keep` asks for; `train_method` turns the kept records into (prompt, target) pairs
+    (answer, rationale-then-answer, or both as two tasks), tokenized like the answer path.
+
+    Returns:
+        (examples, skipped, a summary for the manifest).
+
+    Raises:
+        DataError: the teacher wrote no usable target.
+    """
+    from kd2edge.reasoning.generate import cached_teacher_records, write_jsonl_atomic
+    from kd2edge.reasoning.generate import summarize as summarize_records
+    from kd2edge.reasoning.methods import build_pairs
+
+    records = cached_teacher_records(teacher, tokenizer, items, data_method, keep, cache, MIN_ANSWER_SCORE,
+                                     TEACHER_MAX_NEW_TOKENS, batch_size)
+    write_jsonl_atomic(out, (r.to_json() for r in records))
+    prompt_of = {it.id: p for it, p in zip(items, prompts)}
+    pairs = build_pairs(records, train_method, prompt_fn=lambda item: prompt_of[item.id])
+    examples, skipped = build_examples(tokenizer, [p.item for p in pairs], [p.prompt for p in pairs],
+                                       [p.target for p in pairs], max_length)
+    summary = {"data_method": data_method, "train_method": train_method, "keep": keep, "min_score": MIN_ANSWER_SCORE,
+               "teacher_data": out.name, **summarize_records(records), "pairs": len(pairs),
+               "pairs_by_task": {task: sum(p.task == task for p in pairs) for task in ("answer", "rationale")
+                                 if any(p.task == task for p in pairs)}}
+    return examples, skipped, summary
+
+
 def teacher_answers(teacher, tokenizer, items: Sequence, prompts: Sequence[str], cache: Path,
                     max_new_tokens: int, batch_size: int = 8, progress: bool = True) -> list[str]:
     """Sequence-level KD targets: " " + the teacher's greedy answer to every prompt, cached as JSON by item id.
@@ -112,7 +179,7 @@ def teacher_answers(teacher, tokenizer, items: Sequence, prompts: Sequence[str],
     from tqdm.auto import tqdm
 
     from kd2edge.data.prompts import extract_answer
-    from kd2edge.evaluate.evaluator import TorchBackend
+    from kd2edge.scoring.backends import TorchBackend
 
     done: dict[str, str] = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
     backend = TorchBackend(teacher, tokenizer, batch_size)
@@ -127,6 +194,31 @@ def teacher_answers(teacher, tokenizer, items: Sequence, prompts: Sequence[str],
         bar.update(len(chunk))
     bar.close()
     return [done[item.id] for item in items]
+
+
+def teacher_targets(teacher, tokenizer, items: Sequence, prompts: Sequence[str], examples: list, skipped: int,
+                    work: Path, *, sequence_kd: bool, logits: bool, vocab_size: int, topk: int, max_length: int,
+                    max_new_tokens: int):
+    """What the student learns from the teacher: its own answers as targets (sequence-level KD, when
+    asked) and its top-k logits at every answer position, both cached in the work dir `work`.
+
+    Args:
+        examples, skipped: the training examples so far (replaced with sequence-level KD).
+        logits: whether the loss reads the teacher's logits (not for loss "none" or 0 steps).
+        vocab_size, topk: see `compute_teacher_logits`.
+        max_length, max_new_tokens: sequence limit; the teacher's answer length (sequence-level KD).
+
+    Returns:
+        (examples, skipped, the cached teacher rows or None).
+    """
+    if sequence_kd:
+        targets = teacher_answers(teacher, tokenizer, items, prompts, work / SEQKD_CACHE, max_new_tokens=max_new_tokens)
+        examples, skipped = build_examples(tokenizer, items, prompts, targets, max_length)
+    cache = None
+    if logits:
+        cache = cached_teacher_logits(work / TEACHER_CACHE, teacher, examples, vocab_size=vocab_size, topk=topk,
+                                      pad_id=tokenizer.pad_token_id)
+    return examples, skipped, cache
 
 
 def compute_teacher_logits(teacher, examples: Sequence[TrainExample], *, vocab_size: int, topk: int, pad_id: int,

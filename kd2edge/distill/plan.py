@@ -1,45 +1,19 @@
-"""Sizing a student for a device: parameters, 4-bit size, KV cache, predicted decode speed.
+"""Planning a student for a device: which layer-pruned student fits the profile's budgets.
 
-Candidates are the teacher cut to 1 .. L-1 decoder layers. For each, a roofline
-estimate of decode speed: generating one token reads every weight once plus the whole
-KV cache, so tokens/s <= memory bandwidth / (weight bytes + KV-cache bytes).
-
-Size model (what the quantize + export stages produce):
-* the decoder layers' linear weights at `bits` bits, plus per group of `group_size`
-  weights one 16-bit scale and one `bits`-bit zero point (asymmetric GPTQ);
-* everything else (token embeddings, an untied lm_head, norms, biases) at 16 bits.
-KV cache: 2 (K and V) x layers x kv_heads x head_dim x context x bytes per value, with
-4-byte values on CPU-only devices (onnxruntime's CPU kernels run in fp32) and 2 with an accelerator.
+Candidates are the teacher cut to 1 .. L-1 decoder layers. For each, its parameters,
+4-bit size, KV cache and roofline decode speed (`kd2edge.sizing`), with KV values of
+4 bytes on CPU-only devices (onnxruntime's CPU kernels run in fp32) and 2 with an
+accelerator; the plan keeps the largest candidate that meets every budget.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from kd2edge.errors import BudgetError, ModelError
-
-MIB = 2**20
-
-
-@dataclass(frozen=True)
-class ParamBreakdown:
-    """Parameter counts of a decoder-only model, split by what layer pruning changes."""
-
-    total: int            # whole model (tied weights once)
-    per_layer: int        # one decoder layer
-    per_layer_linear: int  # of which in nn.Linear weights (what GPTQ quantizes)
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-    @property
-    def fixed(self) -> int:
-        """Parameters outside the decoder layers (embeddings, final norm, untied head)."""
-        return self.total - self.layers * self.per_layer
-
-    def params_with(self, layers: int) -> int:
-        return self.fixed + layers * self.per_layer
-
+from kd2edge.errors import BudgetError, ConfigError, ModelError
+from kd2edge.sizing import (MIB, ParamBreakdown, kv_cache_bytes, param_breakdown, predicted_decode_tokens_per_s,
+                            quantized_size_bytes)
 
 @dataclass(frozen=True)
 class Candidate:
@@ -48,78 +22,12 @@ class Candidate:
     size_bytes: int
     kv_cache_bytes: int
     memory_bytes: int
-    decode_tokens_per_s: float
+    predicted_tokens_per_s: float   # roofline prediction (sizing.predicted_decode_tokens_per_s)
     param_fraction: float
     fails: tuple[str, ...]     # budgets it misses (empty: it fits)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def param_breakdown(model_config) -> ParamBreakdown:
-    """Count parameters per part by building the architecture on the meta device (no memory, no weights).
-
-    Args:
-        model_config: a transformers PretrainedConfig of a decoder-only causal LM.
-
-    Raises:
-        ModelError: the architecture cannot be instantiated or has no decoder layer list.
-    """
-    import copy
-
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from kd2edge.distill.student import decoder_layers
-
-    def build(n_layers: int):
-        cfg = copy.deepcopy(model_config)
-        cfg.num_hidden_layers = n_layers
-        if getattr(cfg, "layer_types", None) is not None:
-            cfg.layer_types = list(cfg.layer_types)[:n_layers]
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(cfg)
-        model.tie_weights()  # on the meta device ties are not applied by from_config: count shared weights once
-        return model
-
-    try:
-        model = build(1)
-    except (ValueError, KeyError) as e:
-        raise ModelError(f"cannot size the {model_config.model_type} architecture: {e}") from None
-    layer = decoder_layers(model)[0]
-    total_one = sum(p.numel() for p in model.parameters())
-    per_layer = sum(p.numel() for p in layer.parameters())
-    linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
-    n = model_config.num_hidden_layers
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    return ParamBreakdown(total=total_one + (n - 1) * per_layer, per_layer=per_layer, per_layer_linear=linear,
-                          layers=n, kv_heads=kv_heads, head_dim=head_dim)
-
-
-def quantized_size_bytes(linear_params: int, other_params: int, bits: int, group_size: int,
-                         other_bytes: int = 2) -> int:
-    """Bytes of a GPTQ-quantized model: packed weights + per-group scale (fp16) and zero point.
-
-    Args:
-        linear_params: weights that are quantized. other_params: weights kept at `other_bytes`.
-        bits: weight bits. group_size: weights per group, -1 = one group per output row
-            (approximated as 1 group per 1024 weights, the row length of small models).
-    """
-    groups = linear_params / (group_size if group_size > 0 else 1024)
-    return int(linear_params * bits / 8 + groups * (2 + bits / 8) + other_params * other_bytes)
-
-
-def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, context_length: int, value_bytes: int) -> int:
-    """K and V for every layer, head and position of a full context."""
-    return 2 * layers * kv_heads * head_dim * context_length * value_bytes
-
-
-def decode_tokens_per_s(bytes_per_token: float, bandwidth: float) -> float:
-    """Memory-bound roofline: each generated token streams `bytes_per_token` from memory once."""
-    return bandwidth / bytes_per_token
 
 
 def candidates(breakdown: ParamBreakdown, *, bits: int, group_size: int, context_length: int,
@@ -142,7 +50,7 @@ def candidates(breakdown: ParamBreakdown, *, bits: int, group_size: int, context
         linear = n * breakdown.per_layer_linear
         size = quantized_size_bytes(linear, params - linear, bits, group_size)
         kv = kv_cache_bytes(n, breakdown.kv_heads, breakdown.head_dim, context_length, kv_value_bytes)
-        tps = decode_tokens_per_s(size + kv, bandwidth)
+        tps = predicted_decode_tokens_per_s(size + kv, bandwidth)
         fraction = params / breakdown.total
         fails = []
         if size / MIB > max_artifact_mb:
@@ -172,3 +80,49 @@ def choose(cands: list[Candidate], profile_name: str = "the profile") -> Candida
         raise BudgetError(f"no student fits {profile_name}: even {smallest.layers} layer(s) miss "
                           f"{', '.join(smallest.fails)}; choose a larger profile or a smaller teacher")
     return max(fitting, key=lambda c: c.params)
+
+
+def plan_student(teacher_path: Path, profile, *, bits: int, group_size: int, max_param_fraction: float,
+                 student_layers: int | None = None) -> dict:
+    """Candidate layer-pruned students of the teacher in `teacher_path` for a device profile, and the choice.
+
+    Args:
+        teacher_path: the teacher's transformers folder.
+        profile: the `kd2edge.profiles.DeviceProfile` (hardware, runtime and budgets are read).
+        bits, group_size: the quantization the artifact will have.
+        max_param_fraction: a student holds at most this share of the teacher's parameters.
+        student_layers: keep exactly this many layers instead of the largest fitting candidate.
+
+    Returns:
+        {"teacher": {params, layers}, "candidates": [...], "choice": {...}, "assumptions": {...}}
+
+    Raises:
+        BudgetError: no candidate fits the profile.
+        ConfigError: `student_layers` is not fewer than the teacher's layers.
+        ModelError: the teacher's config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(teacher_path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the teacher's config in {teacher_path}: {str(e).splitlines()[0]}") from None
+    breakdown = param_breakdown(model_config)
+    kv_bytes = 2 if profile.hardware.accelerator not in ("", "none") else 4
+    cands = candidates(breakdown, bits=bits, group_size=group_size, context_length=profile.runtime.context_length,
+                       bandwidth=float(profile.hardware.memory_bandwidth), kv_value_bytes=kv_bytes,
+                       max_artifact_mb=profile.budgets.max_artifact_mb,
+                       max_peak_memory_mb=profile.budgets.max_peak_memory_mb,
+                       min_decode_tokens_per_s=profile.budgets.min_decode_tokens_per_s,
+                       max_param_fraction=max_param_fraction)
+    choice = choose(cands, f"profile {profile.name}")
+    if student_layers is not None:
+        if student_layers >= breakdown.layers:
+            raise ConfigError(f"distill.student_layers: {student_layers} is not fewer than the teacher's "
+                              f"{breakdown.layers} layers; choose at most {breakdown.layers - 1}")
+        choice = cands[student_layers - 1]
+    return {"teacher": {"params": breakdown.total, "layers": breakdown.layers},
+            "candidates": [c.to_dict() for c in cands], "choice": choice.to_dict(),
+            "assumptions": {"bits": bits, "group_size": group_size, "context_length": profile.runtime.context_length,
+                            "kv_value_bytes": kv_bytes, "memory_bandwidth": float(profile.hardware.memory_bandwidth),
+                            "max_param_fraction": max_param_fraction}}

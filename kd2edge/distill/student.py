@@ -16,21 +16,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from kd2edge.errors import ModelError
-
-
-def decoder_layers(model):
-    """The model's list of decoder layers (llama/qwen2: model.model.layers, gpt_neox: gpt_neox.layers).
-
-    Raises:
-        ModelError: the architecture has no `layers` list on its base model.
-    """
-    import torch
-
-    layers = getattr(model.base_model, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ModelError(f"{type(model).__name__} has no decoder layer list (base_model.layers): "
-                         "layer pruning supports llama-, qwen2-, mistral- and gpt_neox-style models; pass --student")
-    return layers
+from kd2edge.models import decoder_layers
 
 
 def block_influence(inputs, outputs, mask=None):
@@ -87,7 +73,7 @@ def measure_block_influence(model, batches: Iterable[dict]) -> list[float]:
     """
     import torch
 
-    layers = decoder_layers(model)
+    _, layers = decoder_layers(model)
     sums = [0.0] * len(layers)
     counts = [0] * len(layers)
     captured: dict[int, torch.Tensor] = {}
@@ -134,13 +120,14 @@ def prune_layers(model, keep: list[int]):
     """
     import torch
 
-    layers = decoder_layers(model)
+    path, layers = decoder_layers(model)
     kept = torch.nn.ModuleList([layers[i] for i in keep])
     for new_index, layer in enumerate(kept):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    model.base_model.layers = kept
+    parent, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent), attr, kept)
     model.config.num_hidden_layers = len(keep)
     if getattr(model.config, "layer_types", None) is not None:
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
@@ -174,3 +161,84 @@ def real_vocab_size(tokenizer, *models) -> int:
         if rows < vocab:
             raise ModelError(f"{m.config.model_type} predicts {rows} tokens but its tokenizer has {vocab}: the folder is inconsistent")
     return vocab
+
+
+CALIBRATION_ITEMS = 32   # training sequences used to measure block influence
+
+
+def pruned_student(teacher, calibration: list[list[int]], pad_id: int, layers: int):
+    """A copy of the teacher keeping its `layers` most influential decoder layers (first and last always).
+
+    Args:
+        teacher: the teacher causal LM (left unchanged).
+        calibration: token id sequences to measure block influence on (the first CALIBRATION_ITEMS are used).
+        pad_id: padding token id for batching them.
+        layers: decoder layers to keep.
+
+    Returns:
+        (student, kept layer indices, block influence per teacher layer rounded to 6 decimals).
+    """
+    import copy
+
+    from kd2edge.distill.train import TrainExample, collate
+
+    seqs = calibration[:CALIBRATION_ITEMS]
+    batches = [collate([TrainExample(tuple(s), tuple(s)) for s in seqs[i:i + 8]], pad_id)
+               for i in range(0, len(seqs), 8)]
+    importance = [round(x, 6) for x in measure_block_influence(teacher, batches)]
+    kept = choose_layers(importance, layers)
+    return prune_layers(copy.deepcopy(teacher), kept), kept, importance
+
+
+def load_external_student(spec: str, teacher_tokenizer, teacher_params: int, teacher_id: str):
+    """Resolve and load `--student`, checking its tokenizer and size before any training.
+
+    Returns:
+        (model, its artifact).
+
+    Raises:
+        ModelError: a different tokenizer, or a student not smaller than the teacher.
+    """
+    from transformers import AutoTokenizer
+
+    from kd2edge.models import count_params, load_causal_lm, resolve_model
+
+    artifact = resolve_model(spec)
+    check_same_tokenizer(teacher_tokenizer, AutoTokenizer.from_pretrained(artifact.path), teacher_id, spec)
+    model, _ = load_causal_lm(artifact.path)
+    params = count_params(model)
+    if params >= teacher_params:
+        raise ModelError(f"student {spec} has {params:,} parameters, not fewer than the teacher's {teacher_params:,}: "
+                         "choose a smaller student (or omit --student to plan one)")
+    return model, artifact
+
+
+def build_student(teacher, tokenizer, teacher_id: str, calibration: list[list[int]], layers: int | None = None,
+                  spec: str | None = None):
+    """The student: the teacher pruned to `layers` decoder layers (`pruned_student`), or the model `spec` names.
+
+    Args:
+        teacher: the teacher causal LM (left unchanged).
+        tokenizer: the teacher's tokenizer (a `spec` student must share it).
+        teacher_id: the teacher's name, for the student's id and messages.
+        calibration: token id sequences for block influence (pruning only).
+        layers: decoder layers to keep (pruning); ignored with `spec`.
+        spec: a separate student model (`kd2edge.models.resolve_model` spec), or None to prune.
+
+    Returns:
+        (student, {id, layers_kept, importance, teacher_params, vocab}).
+
+    Raises:
+        ModelError: a `spec` student with another tokenizer or not smaller than the teacher.
+    """
+    from kd2edge.models import count_params
+
+    teacher_params = count_params(teacher)
+    if spec:
+        student, artifact = load_external_student(spec, tokenizer, teacher_params, teacher_id)
+        built = {"id": artifact.manifest.get("id", spec), "layers_kept": None, "importance": None}
+    else:
+        student, kept, importance = pruned_student(teacher, calibration, tokenizer.pad_token_id, layers)
+        built = {"id": f"{teacher_id} [layers {','.join(map(str, kept))}]", "layers_kept": kept,
+                 "importance": importance}
+    return student, {**built, "teacher_params": teacher_params, "vocab": real_vocab_size(tokenizer, teacher, student)}

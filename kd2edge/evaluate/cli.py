@@ -28,7 +28,7 @@ from kd2edge.cli_common import emit, info, json_option, table, warn
 def evaluate(model_path, data_spec, split, shots, limit, seed, max_new_tokens, mode, batch_size,
              predictions_path, as_json):
     """Score QA accuracy: EM/F1 (SQuAD, MLQA), accuracy (CommonsenseQA), Rouge-L (Dolly)."""
-    from kd2edge.evaluate.evaluator import evaluate as run_evaluation
+    from kd2edge.scoring.evaluator import evaluate as run_evaluation
 
     info(f"evaluating {model_path} on {data_spec}:{split} ({shots}-shot, {f'up to {limit}' if limit else 'all'} items)")
     result = run_evaluation(model_path, data_spec, split=split, shots=shots, limit=limit or None, seed=seed,

@@ -8,7 +8,7 @@ cached (teacher hash + data + prompt settings) so a rerun of the pipeline reuses
 
 A student distilled with rationales (issue #9: the distill manifest's `train_method`
 "rationale" or "multitask") is asked as it was trained, student and deployed alike
-(`kd2edge.reasoning.evaluation.run_method_items`: `eval_prompt`, `read_answer`; a
+(`kd2edge.scoring.methods.run_method_items`: `eval_prompt`, `read_answer`; a
 rationale student always generates, with a rationale-sized budget). The teacher keeps
 the plain prompt: retention is then "the deployed model used as trained, against the
 teacher used as it is", on the same items and metrics; the prompt, mode and budget
@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 from kd2edge.artifacts import Artifact, write_artifact, write_json_atomic
+from kd2edge.data.prompts import TRAIN_METHODS
 from kd2edge.errors import ArtifactError
-from kd2edge.evaluate import metrics
-from kd2edge.evaluate.evaluator import (Backend, EvalSet, OnnxBackend, TorchBackend, describe, prepare,
-                                        run_items, summarize, write_predictions)
+from kd2edge.scoring import metrics
+from kd2edge.scoring.backends import Backend, OnnxBackend, TorchBackend
+from kd2edge.scoring.evaluator import EvalSet, describe, prepare, run_items, summarize, write_predictions
 
 CACHE_VERSION = 1
 MODELS = ("teacher", "student", "deployed")
@@ -37,49 +38,24 @@ _SUMMARY_KEYS = ("n", "em", "f1", "accuracy", "accuracy_norm", "rouge_l", "by_la
 
 
 def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
-    """Evaluate teacher, student and deployed model; write predictions and the quality metrics.
+    """Evaluate teacher, student and deployed model on the same items; write predictions and the quality metrics.
 
     Raises:
         ArtifactError: the input's lineage has no distill stage or its folders are gone.
         DataError: the evaluation split is empty or unreadable.
         ModelError: a model in the lineage cannot be loaded.
     """
-    from kd2edge.reasoning.evaluation import (method_max_new_tokens, method_mode, rationale_comparison,
-                                              run_method_items)
+    from kd2edge.scoring.methods import method_max_new_tokens, method_mode
 
-    out_dir = Path(out_dir)
-    ev = config.evaluate
+    ev, out_dir, runtime = config.evaluate, Path(out_dir), config.profile.runtime
     lineage = find_models(input_artifact)
     method = student_train_method(lineage["student"])
     evalset = prepare(ev.data, ev.split, ev.shots, ev.limit, config.seed)
     settings = describe(evalset, ev.data, ev.mode, ev.max_new_tokens, config.seed, ev.limit)
-    runtime = config.profile.runtime
-    # CommonsenseQA with and without rationales, for students that learnt to write them.
-    compare = method != "answer" and evalset.task == "multiple_choice" and all(
-        p.item.answer_key for p in evalset.prompts)
-    rationale_tokens = method_max_new_tokens("rationale", ev.max_new_tokens)
-
-    records, summaries, timings, rationale_eval = {}, {}, {}, {}
-    for name in MODELS:
-        started = time.perf_counter()
-        if name == "teacher":
-            records[name], cached = _teacher_records(lineage["teacher"], evalset, settings, ev.max_new_tokens, ev.mode)
-            timings["teacher_cached"] = cached
-        else:
-            backend = (_torch_backend(lineage["student"].path) if name == "student"
-                       else _onnx_backend(input_artifact.path, runtime.execution_providers, runtime.threads))
-            records[name] = run_method_items(backend, evalset, method, ev.max_new_tokens, ev.mode,
-                                             desc=f"evaluate {name}")
-            if compare:
-                # A rationale student's outputs above are its answers to the rationale prompt: not generated twice.
-                reuse = [r["generation"] for r in records[name]] if method == "rationale" else None
-                rationale_eval[name] = rationale_comparison(backend, [p.item for p in evalset.prompts],
-                                                            rationale_tokens, ev.mode, rationale_outputs=reuse)
-            del backend
-            gc.collect()
-        summaries[name] = _public(summarize(records[name], evalset.task))
-        timings[f"{name}_s"] = round(time.perf_counter() - started, 3)
-
+    backends = {"student": lambda: _torch_backend(lineage["student"].path),
+                "deployed": lambda: _onnx_backend(input_artifact.path, runtime.execution_providers, runtime.threads)}
+    records, timings, rationale_eval = answer_all(lineage["teacher"], backends, evalset, settings, method, ev)
+    summaries = {name: _public(summarize(records[name], evalset.task)) for name in MODELS}
     pred_dir = out_dir / "predictions"
     files = [str(write_predictions(records[n], pred_dir / f"{n}.jsonl").relative_to(out_dir)) for n in MODELS]
     quality = quality_metrics(settings, summaries, records)
@@ -92,9 +68,9 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     if rationale_eval:
         files += [str(write_predictions(r.pop("records"), pred_dir / f"rationale_{n}.jsonl").relative_to(out_dir))
                   for n, r in rationale_eval.items()]
-        quality["rationale_eval"] = {"max_new_tokens": rationale_tokens, **rationale_eval}
-    limit = config.profile.budgets.min_retention
-    value = quality["retention_f1"]
+        quality["rationale_eval"] = {"max_new_tokens": method_max_new_tokens("rationale", ev.max_new_tokens),
+                                     **rationale_eval}
+    limit, value = config.profile.budgets.min_retention, quality["retention_f1"]
     budgets = {"min_retention": {"limit": limit, "value": value,
                                  "pass": None if value is None else bool(value >= limit)}}
     plot = plot_quality(summaries, out_dir / "quality.png")
@@ -106,14 +82,48 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
                           warnings=list(evalset.warnings))
 
 
+def answer_all(teacher: Artifact, backends: dict, evalset: EvalSet, settings: dict, method: str, ev):
+    """Every model's per-item records on `evalset`, one model loaded at a time.
+
+    The teacher is asked the plain way (its records cached across runs); the student and the
+    deployed model (`backends`: name -> a function opening it) as the student was trained. A
+    student trained on rationales is also scored with and without a rationale on multiple choice.
+
+    Returns:
+        (records per model, timings, rationale comparison per model or {}).
+    """
+    from kd2edge.scoring.methods import method_max_new_tokens, rationale_comparison, run_method_items
+
+    # CommonsenseQA with and without rationales, for students that learnt to write them.
+    compare = method != "answer" and evalset.task == "multiple_choice" and all(
+        p.item.answer_key for p in evalset.prompts)
+    records, timings, rationale_eval = {}, {}, {}
+    started = time.perf_counter()
+    records["teacher"], timings["teacher_cached"] = _teacher_records(teacher, evalset, settings, ev.max_new_tokens,
+                                                                     ev.mode)
+    timings["teacher_s"] = round(time.perf_counter() - started, 3)
+    for name, open_backend in backends.items():
+        started = time.perf_counter()
+        backend = open_backend()
+        records[name] = run_method_items(backend, evalset, method, ev.max_new_tokens, ev.mode, desc=f"evaluate {name}")
+        if compare:
+            # A rationale student's outputs above are its answers to the rationale prompt: not generated twice.
+            reuse = [r["generation"] for r in records[name]] if method == "rationale" else None
+            rationale_eval[name] = rationale_comparison(backend, [p.item for p in evalset.prompts],
+                                                        method_max_new_tokens("rationale", ev.max_new_tokens),
+                                                        ev.mode, rationale_outputs=reuse)
+        del backend
+        gc.collect()
+        timings[f"{name}_s"] = round(time.perf_counter() - started, 3)
+    return records, timings, rationale_eval
+
+
 def student_train_method(student: Artifact) -> str:
     """How the distilled student was trained (`train_method` in its distill manifest; "answer" if absent).
 
     Raises:
         ArtifactError: the manifest names a method this version does not know.
     """
-    from kd2edge.reasoning.methods import TRAIN_METHODS
-
     method = student.metrics.get("train_method") or \
         (student.manifest.get("config") or {}).get("distill", {}).get("train_method", "answer")
     if method not in TRAIN_METHODS:
@@ -186,28 +196,18 @@ def _teacher_records(teacher: Artifact, evalset: EvalSet, settings: dict, max_ne
 
 
 def _torch_backend(folder: Path) -> Backend:
-    from kd2edge.models import load_causal_lm
+    from kd2edge.models import load_causal_lm, model_folder
 
-    model, tokenizer = load_causal_lm(_model_folder(folder))
+    model, tokenizer = load_causal_lm(model_folder(folder))
     return TorchBackend(model, tokenizer)
 
 
 def _onnx_backend(folder: Path, providers, threads) -> Backend:
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     # The evaluation host may lack the device's accelerator: the figures are the model's,
     # so falling back to CPU is allowed (the runtime records it in its notes).
     return OnnxBackend(OnnxLM.load(folder, providers=providers, threads=threads, allow_fallback=True))
-
-
-def _model_folder(folder: Path) -> Path:
-    """The transformers folder inside an artifact: itself, or its one sub-folder with a config.json."""
-    if (folder / "config.json").is_file():
-        return folder
-    inner = sorted(p.parent for p in folder.glob("*/config.json"))
-    if len(inner) == 1:
-        return inner[0]
-    raise ArtifactError(f"{folder} holds no transformers model (config.json): rerun the stage that wrote it")
 
 
 def _public(summary: dict) -> dict:
@@ -262,11 +262,12 @@ def estimate(config, input_artifact: Artifact):
     Raises:
         ArtifactError: as `find_models`, before any model is loaded.
     """
-    from kd2edge.quant.stage import stored_weights
+    from kd2edge.models import model_folder
     from kd2edge.resources import folder_size
+    from kd2edge.sizing import stored_weights
 
     lineage = find_models(input_artifact)
-    teacher, _ = stored_weights(_model_folder(lineage["teacher"].path))
-    student, _ = stored_weights(_model_folder(lineage["student"].path))
+    teacher, _ = stored_weights(model_folder(lineage["teacher"].path))
+    student, _ = stored_weights(model_folder(lineage["student"].path))
     # limit None scores the whole split: 10,000 items stands for "large" in the disk figure.
     return evaluate_needs(teacher, student, folder_size(input_artifact.path), config.evaluate.limit or 10_000)

@@ -65,7 +65,7 @@ def generate(artifact, question, context, max_new_tokens, chat, profile, as_json
     from kd2edge.data.items import QAItem
     from kd2edge.data.prompts import build_prompt, extract_answer
     from kd2edge.profiles import load_profile
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     device = load_profile(profile or "laptop-cpu")
     lm = OnnxLM.load(artifact, providers=device.runtime.execution_providers, threads=device.runtime.threads)

@@ -80,7 +80,7 @@ def check_parity(artifact_dir: Path, reference, prompts: Sequence[Sequence[int]]
     """
     import torch
 
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     lm = OnnxLM.load(artifact_dir, threads=threads)
     if prompts is None:

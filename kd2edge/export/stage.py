@@ -18,9 +18,9 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
         StageError: the ONNX logits differ from the PyTorch reference beyond export.parity_atol.
     """
     from exporters import EXPORTERS
-    from exporters.optimum_onnx import quantize_embeddings_rtn
+    from exporters.vocab import quantize_embeddings_rtn
     from kd2edge.export.parity import check_parity
-    from kd2edge.quant.checkpoint import load_dequantized_model
+    from kd2edge.gptq_checkpoint import load_dequantized_model
 
     section = config.export
     started = time.perf_counter()
@@ -66,9 +66,9 @@ def export_needs(total_params: int, checkpoint_bytes: int):
 
 def estimate(config: RunConfig, input_artifact: Artifact):
     """What exporting `input_artifact` needs (see export_needs)."""
-    from kd2edge.quant.checkpoint import read_quantization_config
-    from kd2edge.quant.stage import stored_weights
+    from kd2edge.gptq_checkpoint import read_quantization_config
     from kd2edge.resources import folder_size
+    from kd2edge.sizing import stored_weights
 
     read_quantization_config(input_artifact.path)  # not a GPTQ checkpoint: the stage's own ArtifactError, first
     total, _ = stored_weights(Path(input_artifact.path))

@@ -79,7 +79,7 @@ def serve(artifact, host, port, profile, max_new_tokens, max_queue, threads, qui
     flight and exits 0.
     """
     from kd2edge.profiles import load_profile
-    from kd2edge.serve import serve as run_server
+    from kd2edge.runtime.serve import serve as run_server
 
     providers, context_length, fallback = None, 2048, False
     if profile is not None:

@@ -11,7 +11,7 @@ Layout of a context (what `write_context` writes):
     app/artifact/       the exported artifact, copied
 
 The image's code is *copied*, not installed from a wheel: only the modules that
-`kd2edge.package.entrypoint` reaches through its imports, found by reading their
+`kd2edge.runtime.entrypoint` reaches through its imports, found by reading their
 import statements. Every third-party import among them must be one of the runtime
 libraries (IMAGE_LIBRARIES); one at module level that is not (torch...) is a bug
 and stops packaging. The requirements are the installed versions of exactly the
@@ -33,7 +33,7 @@ from pathlib import Path
 import kd2edge
 from kd2edge.errors import ConfigError, StageError
 
-ENTRY_MODULE = "kd2edge.package.entrypoint"
+ENTRY_MODULE = "kd2edge.runtime.entrypoint"
 # Distributions the image may install (lower-case names): the runtime and the profiler.
 IMAGE_LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "tokenizers", "numpy", "jinja2", "psutil", "tqdm")
 # Never importable where the image's code is checked, so a stray import fails loudly.

@@ -33,7 +33,7 @@ def final_dir(out_dir: Path) -> Path:
 def reference_answer(artifact: Path, providers: list[str], threads: int, max_new_tokens: int,
                      context_length: int, question: str, context: str) -> str:
     """The installed runtime's answer to one question, in this process (the smoke test's reference)."""
-    from kd2edge.serve import load_service
+    from kd2edge.runtime.serve import load_service
 
     service = load_service(artifact, providers=providers, threads=threads, allow_fallback=True,
                            max_new_tokens=max_new_tokens, max_queue=0, context_length=context_length)

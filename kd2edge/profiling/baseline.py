@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from kd2edge.artifacts import Artifact
-from kd2edge.profiling import host as hostmod
-from kd2edge.profiling.profiler import PROMPT_TEXT, MIB, prompt_ids, run_child, summarize_length, RunTiming
+from kd2edge.runtime import host as hostmod
+from kd2edge.runtime.profiler import PROMPT_TEXT, MIB, prompt_ids, run_child, summarize_length, RunTiming
 
 
 def find_teacher(artifact: Artifact) -> Artifact | None:
@@ -104,6 +104,6 @@ def measure_teacher_isolated(model_dir: Path, prompt_length: int, new_tokens: in
 
 
 if __name__ == "__main__":
-    from kd2edge.profiling.profiler import child_main
+    from kd2edge.runtime.profiler import child_main
 
     sys.exit(child_main(sys.argv[1:], lambda r: measure_teacher(**r)))

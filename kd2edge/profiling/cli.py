@@ -28,7 +28,7 @@ def profile(artifact, profile, config_file, out, no_gate, allow_fallback, no_bas
     the missed budget unless --no-gate.
     """
     from kd2edge.config import load_config
-    from kd2edge.profiling.budgets import enforce
+    from kd2edge.runtime.budgets import enforce
     from kd2edge.profiling.stage import PROFILE_JSON, profile_to_folder
 
     config = load_config(config_file, profile=profile, overrides={

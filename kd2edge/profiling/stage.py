@@ -13,9 +13,9 @@ from pathlib import Path
 from kd2edge import resources
 from kd2edge.artifacts import MANIFEST, Artifact, atomic_dir, write_artifact, write_json_atomic
 from kd2edge.errors import Kd2EdgeError, StageError
-from kd2edge.profiling.budgets import MIB, budget_verdicts
-from kd2edge.profiling.host import host_mismatches
-from kd2edge.profiling.profiler import ProfileRequest, measure_isolated
+from kd2edge.runtime.budgets import MIB, budget_verdicts
+from kd2edge.runtime.host import host_mismatches
+from kd2edge.runtime.profiler import ProfileRequest, measure_isolated, peak_memory_mb
 from kd2edge.schema import to_dict
 
 PROFILE_JSON = "profile.json"
@@ -98,21 +98,6 @@ def check_result(result: dict, new_tokens: int) -> dict:
     return checks
 
 
-def peak_memory_mb(result: dict) -> tuple[float, str]:
-    """The figure the memory budget is checked against, and what it is.
-
-    The process peak RSS; on shared-memory boards with tegrastats, the larger of that and the
-    rise in system RAM in use during the run (GPU allocations there are not in the RSS).
-    """
-    rss = result["peak_rss_mb"]
-    shared = result.get("shared_memory") or {}
-    if "system_used_mb_peak" in shared:
-        rise = shared["system_used_mb_peak"] - shared["system_used_mb_before"]
-        if rise > rss:
-            return round(rise, 1), "rise in system RAM in use (tegrastats, CPU + GPU), MiB"
-    return rss, "peak resident memory of the profiling process (ru_maxrss, interpreter included), MiB"
-
-
 def write_plots(result: dict, out_dir: Path, budget_ms: float) -> list[str]:
     """The per-token latency distribution and TTFT-vs-prompt PNGs; returns their file names."""
     from kd2edge.profiling.plots import plot_token_latency, plot_ttft
@@ -179,14 +164,11 @@ def profile_needs(artifact_bytes: int, kv_bytes: int):
 
 def estimate(config, input_artifact: Artifact):
     """What profiling `input_artifact` with the run's profile needs (see profile_needs)."""
-    import json
+    from kd2edge.models import read_model_config
+    from kd2edge.sizing import kv_cache_bytes
 
-    from kd2edge.distill.plan import kv_cache_bytes
-
-    try:
-        model = json.loads((Path(input_artifact.path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        model = {}  # an onnx-genai artifact, or a broken one the stage reports itself: weights only
+    # {} for an onnx-genai artifact, or a broken one the stage reports itself: weights only
+    model = read_model_config(input_artifact.path)
     heads = model.get("num_attention_heads") or 1
     tokens = max(config.profile.profiling.prompt_lengths) + config.profile.profiling.new_tokens
     kv = kv_cache_bytes(model.get("num_hidden_layers", 0), model.get("num_key_value_heads") or heads,

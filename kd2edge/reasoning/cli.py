@@ -111,7 +111,7 @@ def grpo(model, data, out, steps, weights, num_generations, prompts_per_step, ma
 def eval_rationales(model, data, split, limit, max_new_tokens, seed, as_json):
     """Multiple-choice accuracy with and without a rationale written before the letter."""
     from kd2edge.data.loaders import load_qa
-    from kd2edge.reasoning.evaluation import evaluate_with_rationales
+    from kd2edge.scoring.methods import evaluate_with_rationales
 
     items = load_qa(data, split=split, limit=limit, seed=seed).items
     result = evaluate_with_rationales(model, items, max_new_tokens=max_new_tokens)

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
 from kd2edge.data.items import QAItem
+from kd2edge.data.prompts import answer_kind, task_block
 from kd2edge.errors import DataError, ResourceError
-from kd2edge.reasoning.parsing import ParsedOutput, parse_rationale_answer
+from kd2edge.scoring.parsing import ParsedOutput, parse_rationale_answer
 from kd2edge.reasoning.rewards import answer_score
 
 DataMethod = Literal["answer", "rationale", "critique-revision"]
@@ -65,26 +66,6 @@ DEMONSTRATIONS = {
 
 
 # ----------------------------------------------------------------------------- prompts
-
-def task_block(item: QAItem) -> str:
-    """The question as the teacher sees it: context, question and lettered choices."""
-    parts = []
-    if item.context:
-        parts.append(f"Context: {item.context}")
-    parts.append(f"Question: {item.question}")
-    if item.task == "multiple_choice":
-        parts.append("Choices:\n" + "\n".join(f"{label}. {c}" for label, c in zip(item.choice_labels, item.choices)))
-    return "\n".join(parts)
-
-
-def answer_kind(item: QAItem) -> str:
-    """What the Answer line should hold, for the format instruction."""
-    if item.task == "multiple_choice":
-        return "the letter of the correct choice"
-    if item.task == "extractive":
-        return "the shortest span of the context that answers the question"
-    return "your answer"
-
 
 def gold_text(item: QAItem) -> str:
     """The gold answer as shown to the critic ("B. bank" for multiple choice)."""
@@ -261,7 +242,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     """
     from tqdm import tqdm
 
-    from kd2edge.evaluate.evaluator import TorchBackend
+    from kd2edge.scoring.backends import TorchBackend
 
     primers = list(primers) if primers is not None else [""] * len(prompts)
     backend = TorchBackend(model, tokenizer, batch_size)
@@ -343,6 +324,30 @@ def records_from_teacher(model, tokenizer, items: Sequence[QAItem], method: str,
                                primers=primers)
 
     return teacher_records(items, method, generate, keep, min_score)
+
+
+def cached_teacher_records(teacher, tokenizer, items: Sequence[QAItem], method: str, keep: str, cache: Path,
+                           min_score: float, max_new_tokens: int, batch_size: int,
+                           progress: bool = True) -> list[TeacherRecord]:
+    """`records_from_teacher`, generated once and kept in `cache` (a JSONL file in a stage's work dir).
+
+    A resumed run (same config: the pipeline clears the work dir when the config changes)
+    reads the records back instead of generating them again.
+
+    Returns:
+        One record per item, in order.
+
+    Raises:
+        DataError: as `teacher_records`.
+    """
+    if cache.is_file():
+        records = read_records(cache)
+        if [r.id for r in records] == [it.id for it in items] and all(r.method == method for r in records):
+            return records
+    records = records_from_teacher(teacher, tokenizer, items, method, keep, min_score, max_new_tokens, batch_size,
+                                   progress)
+    write_jsonl_atomic(cache, (r.to_json() for r in records))
+    return records
 
 
 def check_method(method: str, keep: str = "correct") -> None:

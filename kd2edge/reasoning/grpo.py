@@ -107,8 +107,8 @@ def run_grpo(model_dir: str | Path, items: Sequence[QAItem], out_dir: str | Path
     from trl import GRPOConfig, GRPOTrainer
 
     from kd2edge.artifacts import Artifact, atomic_dir, work_dir, write_artifact
-    from kd2edge.models import load_causal_lm
-    from kd2edge.reasoning.methods import rationale_student_prompt
+    from kd2edge.models import load_causal_lm, reload_max_abs_diff
+    from kd2edge.data.prompts import rationale_student_prompt
 
     try:
         weights = check_reward_weights(DEFAULT_WEIGHTS if reward_weights is None else reward_weights)
@@ -160,7 +160,8 @@ def run_grpo(model_dir: str | Path, items: Sequence[QAItem], out_dir: str | Path
                                       if r["frac_reward_zero_std"] is not None])
         if zero:
             messages.append(zero)
-        reload_diff = _reload_diff(trained, tokenizer, tmp, rationale_student_prompt(items[0]))
+        probe = tokenizer(rationale_student_prompt(items[0]))["input_ids"][:64]
+        reload_diff = reload_max_abs_diff(trained, tmp, probe)
         plot = _plot_rewards(rows, names, tmp / REWARDS_PLOT)
         seconds = round(time.perf_counter() - started, 2)
         metrics = {"steps": rows, "weights": weights, "warnings": messages, "reload_max_abs_diff": reload_diff,
@@ -172,19 +173,6 @@ def run_grpo(model_dir: str | Path, items: Sequence[QAItem], out_dir: str | Path
         write_artifact(tmp, "grpo", config, Artifact.external(model_dir, kind="model"), metrics, kind="model",
                        timings={"train_s": seconds})
     return {**metrics, "out_dir": str(out_dir)}
-
-
-def _reload_diff(model, tokenizer, folder: Path, prompt: str) -> float:
-    """Max |logit difference| between the trained model and its saved copy on one prompt (self-check)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"][:, :64]
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype).to(model.device).eval()
-    with torch.no_grad():
-        a = model(input_ids=ids.to(model.device)).logits.float()      # (1, T, V)
-        b = reloaded(input_ids=ids.to(model.device)).logits.float()
-    return float((a - b).abs().max())
 
 
 def _plot_rewards(rows: Sequence[dict], names: Sequence[str], path: Path) -> str | None:
@@ -231,3 +219,41 @@ def run_grpo_on_data(model: str, data: str, out_dir: str | Path, split: str = "t
     items = load_qa(data, split=split, limit=limit, seed=seed).items
     result = run_grpo(resolve_model(model).path, items, out_dir, seed=seed, **kwargs)
     return {"model": model, "data": data, "split": split, "items": len(items), **result}
+
+
+# GRPO after KD inside the distill stage: small fixed settings suited to a CPU
+# (`kd2edge grpo` exposes them all).
+KD_GRPO_WEIGHTS = {"correctness": 1.0, "format": 0.2}
+KD_GRPO_GENERATIONS, KD_GRPO_MAX_NEW_TOKENS, KD_GRPO_LR = 4, 64, 1e-6
+
+
+def grpo_after_kd(student, tokenizer, items: Sequence[QAItem], work: Path, steps: int, seed: int) -> tuple[object, dict]:
+    """GRPO on a KD-trained student (`run_grpo`), resumable through a stage's work dir.
+
+    The KD student is saved to work/kd_student and GRPO writes work/grpo; a resumed run
+    whose GRPO already finished reads that folder back.
+
+    Returns:
+        (the GRPO-trained student, loaded in fp32 on the CPU, in eval mode; run_grpo's result
+        plus `info`: the settings used, for the distill manifest).
+    """
+    from kd2edge.artifacts import Artifact
+    from kd2edge.errors import ArtifactError
+    from kd2edge.models import load_causal_lm
+
+    out = work / "grpo"
+    try:
+        result = {**Artifact.load(out, stage="grpo").metrics, "out_dir": str(out)}
+    except ArtifactError:   # not run yet, or interrupted: GRPO writes its folder atomically
+        kd_dir = work / "kd_student"
+        student.save_pretrained(kd_dir, safe_serialization=True)
+        tokenizer.save_pretrained(kd_dir)
+        result = run_grpo(kd_dir, items, out, steps=steps, reward_weights=KD_GRPO_WEIGHTS,
+                          num_generations=KD_GRPO_GENERATIONS, max_new_tokens=KD_GRPO_MAX_NEW_TOKENS, lr=KD_GRPO_LR,
+                          seed=seed)
+    model, _ = load_causal_lm(out)
+    result["info"] = {"weights": result["weights"], "warnings": result["warnings"], "plot": result.get("plot"),
+                      "num_generations": KD_GRPO_GENERATIONS, "max_new_tokens": KD_GRPO_MAX_NEW_TOKENS,
+                      "lr": KD_GRPO_LR, "reload_max_abs_diff": result["reload_max_abs_diff"],
+                      "seconds": result["seconds"]}
+    return model, result

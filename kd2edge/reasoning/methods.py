@@ -30,13 +30,11 @@ from typing import Callable, Literal, Sequence
 
 from kd2edge.data.items import QAItem
 from kd2edge.errors import DataError
-from kd2edge.reasoning.generate import (TeacherRecord, answer_kind, has_usable_rationale, item_from_dict,
-                                        task_block)
-from kd2edge.reasoning.parsing import choice_label, parse_rationale_answer
+from kd2edge.data.prompts import (ANSWER_PREFIX, RATIONALE_PREFIX, TRAIN_METHODS, build_prompt,
+                                  rationale_student_prompt)
+from kd2edge.reasoning.generate import TeacherRecord, has_usable_rationale, item_from_dict
+from kd2edge.scoring.parsing import choice_label, parse_rationale_answer
 
-TrainMethod = Literal["answer", "rationale", "multitask"]
-TRAIN_METHODS = ("answer", "rationale", "multitask")
-ANSWER_PREFIX, RATIONALE_PREFIX = "[answer] ", "[rationale] "
 
 
 @dataclass(frozen=True)
@@ -51,12 +49,6 @@ class TrainPair:
     target: str
     task: str
     item: QAItem
-
-
-def rationale_student_prompt(item: QAItem) -> str:
-    """The student's prompt for rationale-then-answer: question, instruction, "Rationale:"."""
-    return (f"{task_block(item)}\nExplain your reasoning, then give {answer_kind(item)} "
-            f"after \"Answer:\".\nRationale:")
 
 
 def rationale_target(rationale: str, answer: str) -> str:
@@ -78,15 +70,9 @@ def answer_target(item: QAItem, answer: str) -> str:
     return " " + answer.strip()
 
 
-def _plain_prompt(item: QAItem) -> str:
-    from kd2edge.data.prompts import build_prompt
-
-    return build_prompt(item)
-
-
 def answer_pairs(records: Sequence[TeacherRecord], prompt_fn: Callable[[QAItem], str] | None = None) -> list[TrainPair]:
     """Answer-only pairs from the kept records: plain prompt -> " " + teacher answer."""
-    prompt_fn = prompt_fn or _plain_prompt
+    prompt_fn = prompt_fn or build_prompt
     out = []
     for r in records:
         item = item_from_dict(r.item)
@@ -112,7 +98,7 @@ def multitask_pairs(records: Sequence[TeacherRecord], prompt_fn: Callable[[QAIte
         2 pairs per record, in record order: (prefix_a + prompt -> " answer"),
         (prefix_r + prompt -> " rationale").
     """
-    prompt_fn = prompt_fn or _plain_prompt
+    prompt_fn = prompt_fn or build_prompt
     out = []
     for r in records:
         item = item_from_dict(r.item)
@@ -164,25 +150,3 @@ def task_weights(pairs: Sequence[TrainPair], rationale_weight: float = 1.0) -> l
     of a multitask set; 1 for every pair of the single-task methods."""
     multitask = {p.task for p in pairs} == {"answer", "rationale"}
     return [rationale_weight if multitask and p.task == "rationale" else 1.0 for p in pairs]
-
-
-def eval_prompt(item: QAItem, method: str, prompt_fn: Callable[[QAItem], str] | None = None,
-                answer_prefix: str = ANSWER_PREFIX) -> str:
-    """The prompt a student trained with `method` is asked at test time.
-
-    "answer": the plain prompt; "rationale": `rationale_student_prompt`; "multitask":
-    the answer task's prompt (prefix + plain prompt).
-    """
-    if method == "rationale":
-        return rationale_student_prompt(item)
-    plain = (prompt_fn or _plain_prompt)(item)
-    return answer_prefix + plain if method == "multitask" else plain
-
-
-def read_answer(output: str, item: QAItem, method: str) -> str:
-    """The answer in a student's output to `eval_prompt` (for scoring with the evaluator's metrics)."""
-    from kd2edge.data.prompts import extract_answer
-
-    if method == "rationale":
-        return parse_rationale_answer("Rationale: " + output).answer or ""
-    return extract_answer(output, item.task)

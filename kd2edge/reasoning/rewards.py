@@ -27,8 +27,8 @@ import warnings
 from typing import Mapping, Sequence
 
 from kd2edge.data.items import QAItem
-from kd2edge.evaluate.metrics import rouge_l_max, squad_scores
-from kd2edge.reasoning.parsing import ParsedOutput, choice_label, parse_rationale_answer
+from kd2edge.scoring.metrics import rouge_l_max, squad_scores
+from kd2edge.scoring.parsing import ParsedOutput, choice_label, format_score, parse_rationale_answer
 
 REWARD_NAMES = ("correctness", "format")
 _CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -105,13 +105,6 @@ def correctness_reward(completion: str, item: QAItem) -> float:
         # An unlabelled short reply ("Adaline Qorr") is still an answer for extractive/free text.
         return answer_score(item, completion.strip() or None, completion)
     return answer_score(item, parsed.answer, completion)
-
-
-def format_score(parsed: ParsedOutput) -> float:
-    """1.0 rationale + labelled answer, 0.5 labelled answer only, 0.0 otherwise."""
-    if parsed.answer is None or not parsed.labelled:
-        return 0.0
-    return 1.0 if parsed.has_rationale else 0.5
 
 
 def format_reward(completion: str, item: QAItem | None = None) -> float:

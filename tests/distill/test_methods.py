@@ -112,7 +112,7 @@ def test_training_targets_are_the_method_pairs(teacher, tmp_path, monkeypatch):
     import kd2edge.distill.train as train
     from transformers import AutoTokenizer
 
-    from kd2edge.reasoning.methods import rationale_student_prompt
+    from kd2edge.data.prompts import rationale_student_prompt
 
     scripted_teacher(monkeypatch)
     seen = {}
@@ -153,7 +153,10 @@ def test_no_usable_rationale_fails_before_training(teacher, tmp_path, monkeypatc
 
 def test_teacher_records_cached_in_work_dir(teacher, tmp_path, monkeypatch):
     from kd2edge.data.items import QAItem
-    from kd2edge.distill.stage import teacher_records
+    from kd2edge.reasoning.generate import cached_teacher_records
+
+    def teacher_records(*args, **kwargs):
+        return cached_teacher_records(*args, min_score=0.5, max_new_tokens=160, **kwargs)
 
     calls = scripted_teacher(monkeypatch)
     items = load_qa("embedded", "train", 2, 0).items

@@ -9,7 +9,7 @@ import pytest
 from kd2edge.artifacts import Artifact, write_artifact
 from kd2edge.config import load_config
 from kd2edge.errors import ArtifactError
-from kd2edge.evaluate import metrics
+from kd2edge.scoring import metrics
 from kd2edge.evaluate.stage import find_models
 from kd2edge.pipeline import run_stage
 

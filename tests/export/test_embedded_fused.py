@@ -9,11 +9,11 @@ import pytest
 def test_embedded_teacher_fused_export_is_exact(tmp_path):
     import torch
 
-    from exporters.optimum_onnx import export
+    from exporters.onnx_export import export
     from kd2edge.export.parity import check_parity
-    from kd2edge.export.testing import embedded_rtn_checkpoint
-    from kd2edge.quant.checkpoint import load_dequantized_model
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.testing import embedded_rtn_checkpoint
+    from kd2edge.gptq_checkpoint import load_dequantized_model
+    from kd2edge.runtime.lm import OnnxLM
 
     checkpoint = embedded_rtn_checkpoint(tmp_path / "rtn")
     meta = export(checkpoint, tmp_path / "out")

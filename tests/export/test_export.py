@@ -39,8 +39,8 @@ def test_act_order_permutation():
 def _gptq_layer(act_order: bool, K=128, N=48, group_size=32):
     import torch
 
-    from kd2edge.quant.checkpoint import pack_result
-    from kd2edge.quant.gptq import gptq_quantize_weight
+    from kd2edge.gptq_checkpoint import pack_result
+    from kd2edge.quantize.gptq import gptq_quantize_weight
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(N, K, generator=g)
@@ -55,7 +55,7 @@ def test_matmulnbits_holds_exactly_the_gptq_weight(act_order):
 
     from exporters.matmulnbits import dequantize_matmulnbits, gptq_codes, to_matmulnbits
     from exporters.onnx_graph import MS_DOMAIN, matmulnbits_nodes
-    from kd2edge.quant.checkpoint import dequantize_tensors
+    from kd2edge.gptq_checkpoint import dequantize_tensors
 
     qt = _gptq_layer(act_order)
     W = dequantize_tensors(qt).numpy()                                    # (N, K) the reference weight
@@ -101,7 +101,7 @@ def test_store_fp16_only_when_exact():
 # --------------------------------------------------------- export + parity
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from kd2edge.export.testing import tiny_gptq_checkpoint
+    from kd2edge.testing import tiny_gptq_checkpoint
 
     root = tmp_path_factory.mktemp("gptq")
     return {arch: tiny_gptq_checkpoint(root / arch, arch) for arch in ("llama", "qwen2", "gpt_neox")}
@@ -111,9 +111,9 @@ def checkpoints(tmp_path_factory):
 def test_onnx_export_matches_pytorch(checkpoints, tmp_path, arch):
     import onnx
 
-    from exporters.optimum_onnx import export
+    from exporters.onnx_export import export
     from kd2edge.export.parity import check_parity
-    from kd2edge.quant.checkpoint import load_dequantized_model, read_gptq_tensors
+    from kd2edge.gptq_checkpoint import load_dequantized_model, read_gptq_tensors
 
     meta = export(checkpoints[arch], tmp_path / "out")
     layers = read_gptq_tensors(checkpoints[arch])
@@ -134,9 +134,9 @@ def test_onnx_export_matches_pytorch(checkpoints, tmp_path, arch):
 def test_runtime_greedy_equals_pytorch_greedy_on_gptq_export(checkpoints, tmp_path):
     import torch
 
-    from exporters.optimum_onnx import export
-    from kd2edge.quant.checkpoint import load_dequantized_model
-    from kd2edge.runtime import OnnxLM
+    from exporters.onnx_export import export
+    from kd2edge.gptq_checkpoint import load_dequantized_model
+    from kd2edge.runtime.lm import OnnxLM
 
     export(checkpoints["qwen2"], tmp_path / "out")
     lm = OnnxLM.load(tmp_path / "out")
@@ -151,9 +151,10 @@ def test_runtime_greedy_equals_pytorch_greedy_on_gptq_export(checkpoints, tmp_pa
 def test_quantized_embeddings_share_one_4bit_matrix(checkpoints, tmp_path):
     import onnx
 
-    from exporters.optimum_onnx import export, quantize_embeddings_rtn
+    from exporters.onnx_export import export
+    from exporters.vocab import quantize_embeddings_rtn
     from kd2edge.export.parity import check_parity
-    from kd2edge.quant.checkpoint import load_dequantized_model
+    from kd2edge.gptq_checkpoint import load_dequantized_model
 
     meta = export(checkpoints["llama"], tmp_path / "out", quantize_embeddings=True)
     assert meta["embeddings"] == "int4-rtn-block32" and meta["tied_embeddings"]
@@ -171,9 +172,9 @@ def test_quantized_embeddings_share_one_4bit_matrix(checkpoints, tmp_path):
 def test_parity_failure_names_the_outputs(checkpoints, tmp_path):
     import torch
 
-    from exporters.optimum_onnx import export
+    from exporters.onnx_export import export
     from kd2edge.export.parity import check_parity
-    from kd2edge.quant.checkpoint import load_dequantized_model
+    from kd2edge.gptq_checkpoint import load_dequantized_model
 
     export(checkpoints["llama"], tmp_path / "out")
     reference, _ = load_dequantized_model(checkpoints["llama"])
@@ -187,7 +188,7 @@ def test_export_stage_writes_a_loadable_artifact(checkpoints, tmp_path):
     from kd2edge.artifacts import Artifact
     from kd2edge.config import load_config
     from kd2edge.pipeline import run_stage
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     config = load_config(profile="laptop-cpu", overrides={"export.parity_decode_steps": 2})
     result = run_stage("export", config, Artifact.external(checkpoints["llama"], kind="gptq"), tmp_path / "export")
@@ -220,9 +221,9 @@ def test_genai_refuses_unsupported_architecture_and_act_order(checkpoints, tmp_p
 def test_genai_export_runs_in_the_runtime(tmp_path):
     from exporters.genai import export
     from kd2edge.export.parity import check_parity
-    from kd2edge.export.testing import tiny_gptq_checkpoint
-    from kd2edge.quant.checkpoint import load_dequantized_model
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.testing import tiny_gptq_checkpoint
+    from kd2edge.gptq_checkpoint import load_dequantized_model
+    from kd2edge.runtime.lm import OnnxLM
 
     checkpoint = tiny_gptq_checkpoint(tmp_path / "ckpt", "llama", act_order=False)
     meta = export(checkpoint, tmp_path / "out")

@@ -62,7 +62,7 @@ def test_unsupported_reason():
 @pytest.fixture(scope="module")
 def shared_checkpoints(tmp_path_factory):
     """Act-order checkpoints whose q/k/v and gate/up share a Hessian (so a permutation), as real GPTQ gives."""
-    from kd2edge.export.testing import tiny_gptq_checkpoint
+    from kd2edge.testing import tiny_gptq_checkpoint
 
     root = tmp_path_factory.mktemp("gptq_shared")
     return {arch: tiny_gptq_checkpoint(root / arch, arch, shared_inputs=True) for arch in ("llama", "qwen2", "mistral")}
@@ -76,9 +76,9 @@ def _ops(folder) -> collections.Counter:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_fused_graph_merges_shared_projections_and_matches_pytorch(shared_checkpoints, tmp_path, arch):
-    from exporters.optimum_onnx import export
+    from exporters.onnx_export import export
     from kd2edge.export.parity import check_parity
-    from kd2edge.quant.checkpoint import load_dequantized_model, read_gptq_tensors
+    from kd2edge.gptq_checkpoint import load_dequantized_model, read_gptq_tensors
 
     meta = export(shared_checkpoints[arch], tmp_path / "out")
     layers = read_gptq_tensors(shared_checkpoints[arch])
@@ -99,10 +99,10 @@ def test_fused_graph_merges_shared_projections_and_matches_pytorch(shared_checkp
 
 def test_fused_graph_keeps_separate_permutations_apart(tmp_path):
     """q, k, v with different act-order permutations: three Gathers + MatMulNBits, GQA with separate inputs."""
-    from exporters.optimum_onnx import export
+    from exporters.onnx_export import export
     from kd2edge.export.parity import check_parity
-    from kd2edge.export.testing import tiny_gptq_checkpoint
-    from kd2edge.quant.checkpoint import load_dequantized_model
+    from kd2edge.testing import tiny_gptq_checkpoint
+    from kd2edge.gptq_checkpoint import load_dequantized_model
 
     checkpoint = tiny_gptq_checkpoint(tmp_path / "ckpt", "llama", act_order=True, shared_inputs=False)
     meta = export(checkpoint, tmp_path / "out")
@@ -116,9 +116,9 @@ def test_fused_graph_keeps_separate_permutations_apart(tmp_path):
 def test_fused_runtime_greedy_equals_pytorch_and_chunked_prefill(shared_checkpoints, tmp_path):
     import torch
 
-    from exporters.optimum_onnx import export
-    from kd2edge.quant.checkpoint import load_dequantized_model
-    from kd2edge.runtime import OnnxLM
+    from exporters.onnx_export import export
+    from kd2edge.gptq_checkpoint import load_dequantized_model
+    from kd2edge.runtime.lm import OnnxLM
 
     export(shared_checkpoints["qwen2"], tmp_path / "out")
     lm = OnnxLM.load(tmp_path / "out", threads=1)
@@ -137,9 +137,10 @@ def test_fused_runtime_greedy_equals_pytorch_and_chunked_prefill(shared_checkpoi
 
 
 def test_quantized_embeddings_in_the_fused_graph(shared_checkpoints, tmp_path):
-    from exporters.optimum_onnx import export, quantize_embeddings_rtn
+    from exporters.onnx_export import export
+    from exporters.vocab import quantize_embeddings_rtn
     from kd2edge.export.parity import check_parity
-    from kd2edge.quant.checkpoint import load_dequantized_model
+    from kd2edge.gptq_checkpoint import load_dequantized_model
 
     meta = export(shared_checkpoints["llama"], tmp_path / "out", quantize_embeddings=True)
     assert meta["graph"] == "fused" and meta["embeddings"] == "int4-rtn-block32" and meta["tied_embeddings"]

@@ -88,7 +88,7 @@ def test_jetson_requirements_leave_onnxruntime_to_nvidias_index_and_pin_numpy_fo
 def test_the_real_image_modules_are_torch_free_and_need_only_runtime_libraries():
     scan = scan_modules()
     files = {p.as_posix() for p in scan.files}
-    assert {"package/entrypoint.py", "serve.py", "runtime.py", "data/prompts.py", "profiling/profiler.py"} <= files
+    assert {"runtime/entrypoint.py", "runtime/serve.py", "runtime/lm.py", "data/prompts.py", "runtime/profiler.py"} <= files
     assert "cli.py" not in files and "package/stage.py" not in files
     lines, _ = image_requirements(scan, base_image("python:3.11-slim-bookworm"), "onnxruntime")
     names = {line.split("==")[0].lower() for line in lines}

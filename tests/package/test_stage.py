@@ -13,7 +13,7 @@ from kd2edge.errors import ArtifactError
 def test_stage_writes_a_complete_context_with_its_checks(cpu_context, tiny_export):
     ctx, m = cpu_context.path, cpu_context.metrics
     for name in ("Dockerfile", ".dockerignore", "README.md", "requirements.txt", "app/settings.json",
-                 "app/kd2edge/package/entrypoint.py", "app/kd2edge/serve.py", "app/kd2edge/runtime.py",
+                 "app/kd2edge/runtime/entrypoint.py", "app/kd2edge/runtime/serve.py", "app/kd2edge/runtime/lm.py",
                  "app/artifact/model.onnx", "app/artifact/tokenizer.json"):
         assert (ctx / name).is_file(), name
     assert content_hash(ctx / "app" / "artifact") == Artifact.load(tiny_export).content_hash

@@ -10,9 +10,10 @@ from kd2edge.data.items import QAItem
 from kd2edge.errors import DataError
 from kd2edge.reasoning.generate import (filter_decision, read_records, summarize, teacher_records,
                                         write_jsonl_atomic)
-from kd2edge.reasoning.methods import (ANSWER_PREFIX, RATIONALE_PREFIX, build_pairs, rationale_student_prompt,
-                                       read_answer, task_weights, eval_prompt)
-from kd2edge.reasoning.parsing import parse_rationale_answer
+from kd2edge.data.prompts import ANSWER_PREFIX, RATIONALE_PREFIX, eval_prompt, rationale_student_prompt
+from kd2edge.reasoning.methods import build_pairs, task_weights
+from kd2edge.scoring.methods import read_answer
+from kd2edge.scoring.parsing import parse_rationale_answer
 
 CONTEXT = "The Velmora Institute was founded in 1871 by Adaline Qorr in Tessaly."
 ITEMS = [QAItem(id=f"q{i}", question=q, context=CONTEXT, answers=(a,)) for i, (q, a) in

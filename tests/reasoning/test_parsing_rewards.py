@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from kd2edge.data.items import QAItem
-from kd2edge.reasoning.parsing import choice_label, clean_answer, parse_rationale_answer
+from kd2edge.scoring.parsing import choice_label, clean_answer, parse_rationale_answer
 from kd2edge.reasoning.rewards import (answer_score, code_reward, combine_rewards, constant_reward_problem,
                                        correctness_reward, extract_code, format_reward, parse_weights,
                                        warn_if_constant, zero_variance_warning)

@@ -121,7 +121,7 @@ def test_grpo_all_zero_weights_warns(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_evaluate_with_rationales(tiny_llama_dir):
-    from kd2edge.reasoning.evaluation import evaluate_with_rationales, score_rationale_output
+    from kd2edge.scoring.methods import evaluate_with_rationales, score_rationale_output
 
     item = QAItem(id="m0", question="Where does the river flow?", choices=("north", "south", "east"),
                   choice_labels=("A", "B", "C"), answer_key="A", task="multiple_choice")

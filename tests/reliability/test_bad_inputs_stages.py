@@ -266,7 +266,7 @@ def _stage_must_not_run(monkeypatch, module: str) -> None:
 
 @pytest.mark.parametrize("stage,args", [
     ("kd2edge.distill.stage", ["distill", "--teacher", "{teacher4}", "--out", "{out}"]),
-    ("kd2edge.quant.stage", ["quantize", "{tiny}", "--out", "{out}"]),
+    ("kd2edge.quantize.stage", ["quantize", "{tiny}", "--out", "{out}"]),
     ("kd2edge.export.stage", ["export", "{ckpt}", "--out", "{out}"]),
     ("kd2edge.profiling.stage", ["profile", "{export}", "--out", "{out}", "--no-baseline"]),
     ("kd2edge.package.stage", ["package", "{export}", "--out", "{out}"]),
@@ -275,7 +275,7 @@ def test_full_disk_refuses_before_any_work(stage, args, built, tmp_path, capsys,
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
     _stage_must_not_run(monkeypatch, stage)
     rc, err, errors = run_cli([a.format(**built, out=tmp_path / "out") for a in args], capsys)
-    what = stage.split(".")[1].replace("quant", "quantize").replace("profiling", "profile")
+    what = stage.split(".")[1].replace("profiling", "profile")
     assert_refused(rc, err, errors, 6, f"the {what} stage needs about ")
     assert "of disk but " in errors[0] and "has 1000 B free: free some space or choose another --out" in errors[0]
     assert_nothing_left(tmp_path, set())
@@ -283,7 +283,7 @@ def test_full_disk_refuses_before_any_work(stage, args, built, tmp_path, capsys,
 
 def test_too_little_memory_refuses_before_any_work(built, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(resources, "available_memory", lambda: 2**20)
-    _stage_must_not_run(monkeypatch, "kd2edge.quant.stage")
+    _stage_must_not_run(monkeypatch, "kd2edge.quantize.stage")
     rc, err, errors = run_cli(["quantize", built["tiny"], "--out", str(tmp_path / "q")], capsys)
     assert_refused(rc, err, errors, 6, "of memory but 1.0 MiB is available: close other programs or use a smaller model")
     assert_nothing_left(tmp_path, set())
@@ -291,11 +291,11 @@ def test_too_little_memory_refuses_before_any_work(built, tmp_path, capsys, monk
 
 def test_huge_estimate_refuses_with_the_numbers(built, tmp_path, capsys, monkeypatch):
     """No faked figures: 100,000 calibration samples of 131,072 tokens need terabytes of hidden states."""
-    from kd2edge.quant.stage import quantize_needs
+    from kd2edge.quantize.stage import quantize_needs
 
     config = tmp_path / "huge.json"
     config.write_text(json.dumps({"quantize": {"calib_samples": 100_000, "calib_max_tokens": 131_072}}))
-    _stage_must_not_run(monkeypatch, "kd2edge.quant.stage")
+    _stage_must_not_run(monkeypatch, "kd2edge.quantize.stage")
     rc, err, errors = run_cli(["quantize", built["tiny"], "--config", str(config), "--out", str(tmp_path / "q")], capsys)
     assert_refused(rc, err, errors, 6, "the quantize stage needs about ")
     # 2 x 4 bytes x 1.31e10 tokens x hidden 64 = 6.7e12 bytes of calibration activations alone
@@ -310,7 +310,7 @@ def test_disk_filling_up_mid_write_keeps_nothing(built, tmp_path, capsys, monkey
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("kd2edge.quant.checkpoint.write_gptq_checkpoint", full)
+    monkeypatch.setattr("kd2edge.gptq_checkpoint.write_gptq_checkpoint", full)
     rc, err, errors = run_cli(["quantize", built["tiny"], "--out", str(tmp_path / "q"), "--calib-samples", "8"], capsys)
     assert_refused(rc, err, errors, 6, "the disk filled up while writing q: free some space and rerun")
     assert_nothing_left(tmp_path, set())

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from kd2edge.distill.stage import activation_bytes, distill_needs
+from kd2edge.distill.needs import activation_bytes, distill_needs
 from kd2edge.evaluate.stage import evaluate_needs
 from kd2edge.export.stage import export_needs
 from kd2edge.package.stage import package_needs
 from kd2edge.profiling.stage import profile_needs
-from kd2edge.quant.stage import quantize_needs, stored_weights
+from kd2edge.quantize.stage import quantize_needs
 from kd2edge.resources import Needs
 
 MIB = 2**20
@@ -40,24 +40,3 @@ def test_other_stages_by_hand():
     assert profile_needs(1000, 24) == Needs(disk_bytes=4 * MIB, memory_bytes=2024)
     assert evaluate_needs(10, 20, 30, items=2) == Needs(disk_bytes=3 * 4096 * 2 + MIB, memory_bytes=80)
     assert package_needs(100) == Needs(disk_bytes=100 + 4 * MIB, memory_bytes=200)
-
-
-def test_stored_weights_counts_the_model(tiny_llama_dir):
-    from kd2edge.models import count_params, load_causal_lm
-
-    model, _ = load_causal_lm(tiny_llama_dir)
-    # per layer: q 64x64, k 32x64, v 32x64, o 64x64, gate, up 128x64, down 64x128
-    per_layer = 4096 + 2048 + 2048 + 4096 + 3 * 8192
-    assert stored_weights(tiny_llama_dir) == (count_params(model), 2 * per_layer)
-
-
-def test_stored_weights_unpacks_a_gptq_checkpoint(tmp_path):
-    from kd2edge.export.testing import tiny_gptq_checkpoint
-    from kd2edge.models import count_params
-    from kd2edge.quant.checkpoint import load_dequantized_model
-
-    folder = tiny_gptq_checkpoint(tmp_path / "ckpt")
-    model, _ = load_dequantized_model(folder)
-    linears = sum(m.weight.numel() for name, m in model.named_modules()
-                  if isinstance(m, torch.nn.Linear) and ".layers." in name)
-    assert stored_weights(folder) == (count_params(model), linears)

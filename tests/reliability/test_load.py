@@ -30,7 +30,7 @@ def _load_test_module():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    from kd2edge.export.testing import tiny_gptq_checkpoint
+    from kd2edge.testing import tiny_gptq_checkpoint
 
     root = tmp_path_factory.mktemp("load")
     ckpt = tiny_gptq_checkpoint(root / "ckpt")

@@ -1,4 +1,4 @@
-"""kd2edge.runtime on an fp32 optimum export of a tiny Llama (weights redrawn so greedy text varies)."""
+"""kd2edge.runtime.lm on an fp32 optimum export of a tiny Llama (weights redrawn so greedy text varies)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ QUESTION = "Who founded the Velmora Institute?"
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(artifact folder, torch model, transformers tokenizer) of the same weights."""
-    from exporters.optimum_onnx import export_with_past
-    from kd2edge.export.testing import sharp_tiny_model
+    from exporters.traced import export_with_past
+    from kd2edge.testing import sharp_tiny_model
 
     model, tokenizer = sharp_tiny_model("llama")
     folder = tmp_path_factory.mktemp("llama_onnx")
@@ -30,7 +30,7 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(exported):
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     return OnnxLM.load(exported[0], threads=1)
 
@@ -100,7 +100,7 @@ def test_stop_token_ends_generation(lm):
 
 
 def test_pick_token_greedy_and_nucleus():
-    from kd2edge.runtime import pick_token
+    from kd2edge.runtime.lm import pick_token
 
     rng = np.random.default_rng(0)
     logits = np.log(np.array([0.5, 0.3, 0.2]))
@@ -131,7 +131,7 @@ CHAT_TEMPLATES = {
 def test_chat_template_equals_transformers(exported, tmp_path, name, where):
     from transformers import AutoTokenizer
 
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     folder = _copy(exported[0], tmp_path)
     template = CHAT_TEMPLATES[name]
@@ -148,7 +148,7 @@ def test_chat_template_equals_transformers(exported, tmp_path, name, where):
 
 
 def test_no_chat_template_returns_the_text(exported, tmp_path):
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     folder = _copy(exported[0], tmp_path)
     (folder / "chat_template.jinja").unlink()
@@ -162,7 +162,7 @@ def test_runs_with_torch_and_transformers_blocked(exported, lm):
         import json, sys
         sys.modules["torch"] = None          # any `import torch` now raises ImportError
         sys.modules["transformers"] = None
-        from kd2edge.runtime import OnnxLM
+        from kd2edge.runtime.lm import OnnxLM
         lm = OnnxLM.load({str(exported[0])!r})
         ids = lm.encode(lm.format_prompt({QUESTION!r}))
         print(json.dumps({{"ids": ids, "tokens": lm.generate(ids, 10).tokens,
@@ -183,7 +183,7 @@ def test_info_describes_the_artifact(lm):
 
 
 def test_missing_file_is_an_artifact_error(exported, tmp_path):
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     folder = _copy(exported[0], tmp_path)
     (folder / "tokenizer.json").unlink()
@@ -194,7 +194,7 @@ def test_missing_file_is_an_artifact_error(exported, tmp_path):
 
 
 def test_file_listed_in_manifest_but_missing(exported, tmp_path):
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     folder = _copy(exported[0], tmp_path)
     (folder / "manifest.json").write_text(json.dumps({"stage": "export", "files": ["model.onnx", "model.onnx.data"]}))
@@ -203,7 +203,7 @@ def test_file_listed_in_manifest_but_missing(exported, tmp_path):
 
 
 def test_corrupt_onnx_is_an_artifact_error(exported, tmp_path):
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     folder = _copy(exported[0], tmp_path)
     (folder / "model.onnx").write_bytes(b"this is not a protobuf" * 10)
@@ -214,7 +214,7 @@ def test_corrupt_onnx_is_an_artifact_error(exported, tmp_path):
 def test_unavailable_provider(exported):
     import onnxruntime as ort
 
-    from kd2edge.runtime import OnnxLM
+    from kd2edge.runtime.lm import OnnxLM
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this host has CUDA")
