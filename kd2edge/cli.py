@@ -134,7 +134,9 @@ def run(profile, config_file, out, teacher, student, data, steps, data_method, t
 def _run_summary(report: dict) -> str:
     lines = [f"profile {report['profile']}"]
     for stage, s in report["stages"].items():
-        lines.append(f"  {stage:<9} {s['status']:<8} {s.get('reason') or s.get('path') or ''}")
+        lines.append(f"  {stage:<9} {s['status']:<8} {s.get('path') or ''}")
+        for message in s.get("warnings") or []:
+            lines.append(f"    warning: {message}")
     q = report.get("quality", {})
     if "teacher" in q:
         retention = q.get("retention_f1")
@@ -147,8 +149,6 @@ def _run_summary(report: dict) -> str:
     open_budgets = [k for k, v in report["budgets"].items() if v.get("pass") is None]
     verdict = {True: "PASS", False: "FAIL", None: "UNDECIDED (not measured: " + ", ".join(open_budgets) + ")"}
     lines.append(f"overall: {verdict[report['pass']]}")
-    if report.get("missing_stages"):
-        lines.append("stages not run: " + ", ".join(report["missing_stages"]))
     return "\n".join(lines)
 
 

@@ -26,7 +26,8 @@ def build_report(config: RunConfig, artifacts: dict[str, Artifact], results: dic
     verdicts = [b["pass"] for b in budgets.values()]
     return {
         "profile": config.profile.name,
-        "stages": {name: {"status": r.status, "seconds": round(r.seconds, 2), "path": str(r.artifact.path)}
+        "stages": {name: {"status": r.status, "seconds": round(r.seconds, 2), "path": str(r.artifact.path),
+                          "warnings": r.artifact.manifest.get("warnings", [])}
                    for name, r in results.items()},
         "teacher": distill.get("teacher", {"id": teacher.get("id")}), "student": distill.get("student"),
         "param_reduction": distill.get("param_reduction"),
