@@ -258,6 +258,22 @@ def image_platform(tag: str) -> str | None:
     return image_inspect(tag, "{{.Os}}/{{.Architecture}}")
 
 
+def pull_image(name: str, platform: str, timeout_s: float = 600.0) -> tuple[bool, str]:
+    """`docker pull --platform PLATFORM NAME`.
+
+    Returns:
+        (ok, reason): reason is docker's error in one line when the pull failed (no registry, no such tag).
+
+    Raises:
+        ResourceError: no docker client.
+        StageError: the pull ran longer than `timeout_s`.
+    """
+    proc = _docker("pull", "--platform", platform, name, timeout_s=timeout_s)
+    if proc.returncode == 0 and image_platform(name) == platform:
+        return True, f"pulled {name} ({platform})"
+    return False, _one_line(proc.stderr or proc.stdout or f"docker pull exited {proc.returncode}", 200)
+
+
 def stand_in_tag(name: str, platform: str) -> str:
     """The local per-architecture copy of a stand-in: kd2edge-stand-in/python:3.11-slim-bookworm-arm64."""
     repo, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "latest")

@@ -287,22 +287,9 @@ SERVER = ("import os, runpy, signal, sys; signal.signal(signal.SIGTERM, lambda *
 HEALTH = "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/' % os.environ['PORT'], timeout=2)"
 
 
-def _docker_or_skip() -> None:
-    """Start Docker and the base image if this machine can; skip (with the reason) if it cannot."""
-    try:
-        dk.ensure_daemon(timeout_s=90)
-    except ResourceError as e:
-        pytest.skip(f"Docker cannot run here: {e}")
-    try:
-        dk.ensure_base_image(dk.DEFAULT_BASE_IMAGE)
-    except ResourceError as e:
-        pytest.skip(f"no base image {dk.DEFAULT_BASE_IMAGE} and none can be made here: {e}")
-
-
 @pytest.mark.slow
-def test_build_and_run_http_server(tmp_path):
+def test_build_and_run_http_server(tmp_path, docker_ready):
     """A trivial image serving `python -m http.server` on the host network: HTTP 200, healthy, exit 0 on stop."""
-    _docker_or_skip()
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     (ctx / "index.html").write_text("kd2edge docker test\n")

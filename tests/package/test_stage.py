@@ -62,3 +62,17 @@ def test_cli_package_for_jetson_prints_the_build_command(tiny_export, tmp_path):
     dockerfile = (out / "Dockerfile").read_text()
     assert "FROM nvcr.io/nvidia/l4t-jetpack:r36.4.0" in dockerfile and "onnxruntime-gpu==1.23.0" in dockerfile
     assert json.loads((out / "app" / "settings.json").read_text())["allow_fallback"] is True
+
+
+def test_image_problems_name_every_failed_check_of_a_container_run():
+    from kd2edge.package.stage import image_problems
+
+    good = {"answer_status": 200, "answer": "Adaline Qorr", "bad_request_status": 400, "health": "healthy",
+            "user": "10001", "exit_code": 0}
+    assert image_problems(good, "Adaline Qorr") == []
+    bad = {**good, "answer": "Ada", "bad_request_status": 500, "health": "unhealthy", "user": "", "exit_code": 137}
+    assert image_problems(bad, "Adaline Qorr") == [
+        "it answered 'Ada' where the runtime answers 'Adaline Qorr'", "a bad request got HTTP 500, not a 4xx",
+        "its HEALTHCHECK reported unhealthy, not healthy", "it runs as root",
+        "docker stop ended it with exit code 137, not 0"]
+    assert image_problems({**good, "answer_status": 503}, "x")[0] == "/v1/answer answered HTTP 503"
