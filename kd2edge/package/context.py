@@ -275,9 +275,12 @@ def build_command(image: str, platform: str, context_dir: str | Path) -> str:
     Plain `docker build --platform` works with the legacy builder and with BuildKit's default
     (docker) driver, natively or through QEMU for another architecture (see `build_note`), and
     leaves the image in the local store. `docker buildx build --load` is only needed with a
-    docker-container builder, e.g. for multi-platform builds.
+    docker-container builder, e.g. for multi-platform builds. `--network host`: the build's
+    `pip install` needs the network, and a daemon without a bridge network
+    (`dockerd --bridge=none`) gives build steps none otherwise; with a bridge it changes nothing
+    the image holds.
     """
-    return f"docker build --platform {platform} -t {image} {context_dir}"
+    return f"docker build --network host --platform {platform} -t {image} {context_dir}"
 
 
 def build_note(platform: str) -> str:

@@ -34,10 +34,10 @@ def test_base_image_kinds():
 
 
 def test_build_command_and_tag():
-    assert build_command("m:t", "linux/amd64", "/c") == "docker build --platform linux/amd64 -t m:t /c"
+    assert build_command("m:t", "linux/amd64", "/c") == "docker build --network host --platform linux/amd64 -t m:t /c"
     # plain `docker build --platform` works natively, with QEMU, and with both builders; buildx is only
     # needed with a docker-container builder, and the note says so
-    assert build_command("m:t", "linux/arm64", "/c") == "docker build --platform linux/arm64 -t m:t /c"
+    assert build_command("m:t", "linux/arm64", "/c") == "docker build --network host --platform linux/arm64 -t m:t /c"
     note = build_note("linux/arm64")
     assert "qemu-user-static" in note and "docker buildx build --platform linux/arm64 --load" in note
     assert image_tag("kd2edge-model", "laptop-cpu", "0123456789abcdef") == "kd2edge-model:laptop-cpu-0123456789ab"

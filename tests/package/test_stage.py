@@ -19,7 +19,7 @@ def test_stage_writes_a_complete_context_with_its_checks(cpu_context, tiny_expor
         assert (ctx / name).is_file(), name
     assert content_hash(ctx / "app" / "artifact") == Artifact.load(tiny_export).content_hash
     assert m["context_dir"] == str(ctx)                       # the final folder, not the partial one
-    assert m["build_command"] == f"docker build --platform linux/amd64 -t {m['image']} {ctx}"
+    assert m["build_command"] == f"docker build --network host --platform linux/amd64 -t {m['image']} {ctx}"
     assert m["image"].startswith("kd2edge-model:tiny-cpu-") and m["platform"] == "linux/amd64"
     checks = m["checks"]
     assert checks["artifact_hash_match"] is True and checks["hadolint"] == "clean"
@@ -56,7 +56,7 @@ def test_cli_package_for_jetson_prints_the_build_command(tiny_export, tmp_path):
                                       "--no-smoke-test", "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["build_command"] == f"docker build --platform linux/arm64 -t {summary['image']} {out}"
+    assert summary["build_command"] == f"docker build --network host --platform linux/arm64 -t {summary['image']} {out}"
     assert summary["checks"]["smoke"].startswith("skipped") and summary["checks"]["hadolint"] == "clean"
     assert not any(r.startswith("onnxruntime") for r in summary["requirements"])  # from NVIDIA's index instead
     dockerfile = (out / "Dockerfile").read_text()
