@@ -235,8 +235,9 @@ def make_app(service: AnswerService, metrics: ServerMetrics, max_body_bytes: int
     async def answer(request: Request) -> Response:
         question, context = parse_answer_request(await read_body(request, max_body_bytes, body_timeout_s))
         try:
-            ids = await run_in_threadpool(service.prompt_ids, question, context)
+            # Admission first: a refusal under load costs no tokenizing and no thread hop.
             with service.admit():
+                ids = await run_in_threadpool(service.prompt_ids, question, context)
                 loop = asyncio.get_running_loop()
                 generation = await loop.run_in_executor(state["executor"], service.generate, ids)
             text = service.extract(generation.text)

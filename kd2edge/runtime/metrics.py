@@ -4,7 +4,7 @@ One `ServerMetrics` per server holds its own Prometheus registry (not the proces
 default one), so several servers in one process, as in the tests, never share counters.
 What it exposes (`GET /metrics`):
 
-    kd2edge_requests_total{route, status}           requests answered, by route and HTTP status
+    kd2edge_requests_total{route, status}           requests served, by route and HTTP status
     kd2edge_answer_duration_seconds (histogram)     answered questions, request start to answer
     kd2edge_generated_tokens_total                  new tokens generated
     kd2edge_prompt_tokens_total                     prompt tokens processed
@@ -100,7 +100,7 @@ class ServerMetrics:
         self._started = time.monotonic()
 
         self.registry = CollectorRegistry()
-        self._requests = Counter("kd2edge_requests", "HTTP requests answered, by route and status.",
+        self._requests = Counter("kd2edge_requests", "HTTP requests served, by route and status.",
                                  ["route", "status"], registry=self.registry)
         self._answer_seconds = Histogram("kd2edge_answer_duration_seconds",
                                          "Answered questions: seconds from the request's arrival to its answer.",

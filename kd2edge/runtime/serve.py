@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import uvicorn
+from prometheus_client import disable_created_metrics
 
 from kd2edge.errors import ArtifactError, Kd2EdgeError, ResourceError
 from kd2edge.runtime.access import check_readable
@@ -113,6 +114,9 @@ def make_server(service: AnswerService, max_body_bytes: int = MAX_BODY_BYTES, lo
     Returns:
         The server; `.should_exit = True` stops it gracefully from another thread.
     """
+    # No `*_created` series: they double the text a scraper reads and carry no information here.
+    # (A process-wide switch of prometheus_client; this process serves one model.)
+    disable_created_metrics()
     metrics = ServerMetrics(service.load, model=service.name, providers=service.health()["providers"])
     app = make_app(service, metrics, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
                    log_format=log_format, write_log=write_log)

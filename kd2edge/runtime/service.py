@@ -163,12 +163,11 @@ class AnswerService:
         """The model's answer to one question (greedy decoding), in the calling thread.
 
         Raises:
-            RequestError: 413 when the prompt does not fit the context window,
-                503 when the queue is full.
+            RequestError: 503 when the queue is full, else 413 when the prompt does not fit the
+                context window.
         """
-        ids = self.prompt_ids(question, context)
         with self.admit():
-            generation = self.generate(ids)
+            generation = self.generate(self.prompt_ids(question, context))
         return self.extract(generation.text)
 
     def health(self) -> dict:
