@@ -128,7 +128,7 @@ class RunningServer:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
 
-    def stop(self) -> int:
+    def stop(self, timeout_s: float = 0.0) -> int:
         return 0
 
 
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--questions", type=int, default=8)
     p.add_argument("--squad", default="../shared/data/squad_dev_sample.json")
+    p.add_argument("--ready-timeout", type=float, default=300.0,
+                   help="seconds the started server may take to load the model and listen")
     p.add_argument("--out", default=None, help="also write the JSON summary here")
     args = p.parse_args(argv)
     if sum(map(bool, (args.artifact, args.tiny, args.url))) != 1:
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         artifact = None if args.url else Path(args.artifact) if args.artifact else export_tiny(Path(tmp))
         squad = Path(args.squad)
         questions = squad_questions(squad, args.questions) if squad.is_file() else BUILTIN[:args.questions]
-        server = RunningServer(args.url) if args.url else ServerProcess(server_argv(artifact, args))
+        server = RunningServer(args.url) if args.url else ServerProcess(server_argv(artifact, args),
+                                                                        ready_timeout_s=args.ready_timeout)
         try:
             expected, single, kept = [], [], []
             for q, c in questions:  # one at a time: the reference answers and the unloaded latency
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             result["server_metrics"] = request_json(server.url + "/metrics?format=json")[1]
             result["max_new_tokens"] = request_json(server.url + "/healthz")[1].get("max_new_tokens")
         finally:
-            code = server.stop()
+            # Queued requests are answered (or time out after 60 s) before a graceful exit.
+            code = server.stop(timeout_s=180)
         result.update(artifact=str(artifact) if artifact else None, url=args.url, tiny=args.tiny, questions=len(questions), skipped_too_long=skipped,
                       question_source=str(squad) if squad.is_file() else "built-in",
                       single_request_latency_ms={"p50": round(percentile(single, 50), 1)},

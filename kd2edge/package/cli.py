@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from kd2edge.cli_common import config_option, emit, info, json_option, profile_option
+from kd2edge.runtime.service import QUEUE_TIMEOUT_S
 
 
 @click.command()
@@ -93,10 +94,12 @@ def _summary(s: dict) -> str:
               help="Requests waiting behind the running one before 503.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime threads (0: one per core). [default: the profile's, else onnxruntime's]")
+@click.option("--queue-timeout", type=click.FloatRange(min=0.1), default=QUEUE_TIMEOUT_S, show_default=True,
+              help="Seconds a request may wait for the model before 503.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="Access log: a text line, or one JSON object per request.")
 @click.option("--quiet", is_flag=True, help="No access log.")
-def serve(artifact, host, port, profile, max_new_tokens, max_queue, threads, log_format, quiet):
+def serve(artifact, host, port, profile, max_new_tokens, max_queue, threads, queue_timeout, log_format, quiet):
     """Serve an exported artifact over HTTP: POST /v1/answer, GET /healthz, GET /metrics.
 
     The same server the packaged image runs (uvicorn + Starlette). GET /metrics is
@@ -115,4 +118,4 @@ def serve(artifact, host, port, profile, max_new_tokens, max_queue, threads, log
         fallback = providers != ["CPUExecutionProvider"]
     run_server(artifact, host=host, port=port, providers=providers, threads=threads, allow_fallback=fallback,
                max_new_tokens=max_new_tokens, max_queue=max_queue, context_length=context_length,
-               log_format=None if quiet else log_format)
+               log_format=None if quiet else log_format, queue_timeout_s=queue_timeout)

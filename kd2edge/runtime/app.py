@@ -233,13 +233,15 @@ def make_app(service: AnswerService, metrics: ServerMetrics, max_body_bytes: int
             state.pop("executor").shutdown(wait=True)
 
     async def answer(request: Request) -> Response:
+        # The wait for the model counts from the request's arrival (perf_counter -> monotonic clock).
+        arrived = time.monotonic() - (time.perf_counter() - request.scope[_STARTED])
         question, context = parse_answer_request(await read_body(request, max_body_bytes, body_timeout_s))
         try:
             # Admission first: a refusal under load costs no tokenizing and no thread hop.
             with service.admit():
                 ids = await run_in_threadpool(service.prompt_ids, question, context)
                 loop = asyncio.get_running_loop()
-                generation = await loop.run_in_executor(state["executor"], service.generate, ids)
+                generation = await loop.run_in_executor(state["executor"], service.generate, ids, arrived)
             text = service.extract(generation.text)
         except RequestError:
             raise

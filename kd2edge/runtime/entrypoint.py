@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from kd2edge.errors import ConfigError, Kd2EdgeError
+from kd2edge.runtime.service import QUEUE_TIMEOUT_S
 
 MIB = 2**20
 PORT_ENV = "KD2EDGE_PORT"
@@ -115,6 +116,8 @@ def parser(settings: dict, environ: dict[str, str]) -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=settings["max_new_tokens"])
     s.add_argument("--max-queue", type=int, default=settings["max_queue"],
                    help="requests waiting behind the running one before 503")
+    s.add_argument("--queue-timeout", type=float, default=QUEUE_TIMEOUT_S,
+                   help="seconds a request may wait for the model before 503")
     s.add_argument("--threads", type=int, default=settings["threads"])
     s.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="access log: a text line or one JSON object per request")
@@ -135,7 +138,7 @@ def run_serve(args: argparse.Namespace, settings: dict, artifact: Path, environ:
     serve(artifact, host=args.host, port=args.port, providers=settings["providers"], threads=args.threads,
           allow_fallback=settings["allow_fallback"], max_new_tokens=args.max_new_tokens, max_queue=args.max_queue,
           context_length=settings["context_length"], log_format=None if args.quiet else args.log_format,
-          ready_file=environ.get(READY_FILE_ENV) or None)
+          ready_file=environ.get(READY_FILE_ENV) or None, queue_timeout_s=args.queue_timeout)
     return 0
 
 

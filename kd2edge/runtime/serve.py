@@ -32,20 +32,21 @@ from kd2edge.errors import ArtifactError, Kd2EdgeError, ResourceError
 from kd2edge.runtime.access import check_readable
 from kd2edge.runtime.app import BODY_TIMEOUT_S, MAX_BODY_BYTES, make_app, runtime_errors
 from kd2edge.runtime.metrics import ServerMetrics
-from kd2edge.runtime.service import AnswerService
+from kd2edge.runtime.service import QUEUE_TIMEOUT_S, AnswerService
 
 READY_LINE = "kd2edge serve: listening on http://{host}:{port}"
 SERVER_HEADER = "kd2edge-serve"
 BACKLOG = 2048                 # pending connections the kernel holds while the server is busy
 MAX_CONNECTIONS = 1024         # open connections (and requests) beyond which uvicorn answers 503 itself
 KEEP_ALIVE_S = 5               # an idle keep-alive connection is closed after this long
-GRACEFUL_SHUTDOWN_S = 60       # on SIGTERM, requests still running after this long are cancelled
+GRACEFUL_SHUTDOWN_S = 90       # on SIGTERM, requests still running after this long are cancelled
+                               # (queued ones give up after QUEUE_TIMEOUT_S, then one generation runs out)
 MAX_HEADER_BYTES = 16 * 1024   # request line + headers
 
 
 def load_service(artifact: str | Path, providers: list[str] | None = None, threads: int | None = None,
                  allow_fallback: bool = False, max_new_tokens: int = 24, max_queue: int = 8,
-                 context_length: int = 2048) -> AnswerService:
+                 context_length: int = 2048, queue_timeout_s: float = QUEUE_TIMEOUT_S) -> AnswerService:
     """Load an exported artifact with the ONNX runtime and wrap it in an AnswerService.
 
     Raises:
@@ -66,7 +67,7 @@ def load_service(artifact: str | Path, providers: list[str] | None = None, threa
                             f"check that every file there is readable by uid {os.getuid()} and complete, "
                             f"else re-run `kd2edge export`") from None
     return AnswerService(model, max_new_tokens=max_new_tokens, max_queue=max_queue,
-                         context_length=context_length, name=Path(artifact).name)
+                         context_length=context_length, name=Path(artifact).name, queue_timeout_s=queue_timeout_s)
 
 
 def bind(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
@@ -147,7 +148,7 @@ def write_ready_file(path: str | Path, host: str, port: int) -> None:
 def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8080, providers: list[str] | None = None,
           threads: int | None = None, allow_fallback: bool = False, max_new_tokens: int = 24,
           max_queue: int = 8, context_length: int = 2048, log_format: str | None = "text",
-          ready_file: str | Path | None = None) -> None:
+          ready_file: str | Path | None = None, queue_timeout_s: float = QUEUE_TIMEOUT_S) -> None:
     """Load `artifact` and serve it until SIGTERM or SIGINT; prints the ready line (with the bound port) to stderr.
 
     Must run in the main thread (signal handlers are installed there).
@@ -156,7 +157,7 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8080, provi
         artifact: the export folder.
         host, port: where to listen (port 0: a free one).
         providers, threads, allow_fallback: the ONNX runtime's settings.
-        max_new_tokens, max_queue, context_length: the service's limits.
+        max_new_tokens, max_queue, context_length, queue_timeout_s: the service's limits.
         log_format: access log "text", "json" or None (off).
         ready_file: when given, where the bound address is written once ready (removed on exit).
 
@@ -164,7 +165,8 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8080, provi
         ResourceError: the address cannot be bound.
         ArtifactError / ModelError / ConfigError: the artifact cannot be loaded.
     """
-    service = load_service(artifact, providers, threads, allow_fallback, max_new_tokens, max_queue, context_length)
+    service = load_service(artifact, providers, threads, allow_fallback, max_new_tokens, max_queue, context_length,
+                           queue_timeout_s)
     for note in service.health()["notes"]:
         sys.stderr.write(f"kd2edge serve: warning: {note}\n")
     sock = bind(host, port)

@@ -7,7 +7,8 @@ No HTTP here: `kd2edge.runtime.app` puts this service behind Starlette routes an
 One model, one KV cache: generation runs behind a lock, one request at a time, so two
 requests are never interleaved on the same cache. At most `max_queue` requests wait
 behind the running one; a request that finds no free place is refused at once (503 +
-Retry-After) instead of piling up. The prompt is the one evaluation scores
+Retry-After) instead of piling up, and one that waited longer than `queue_timeout_s`
+for the model is refused then (503) instead of generating for a client that may be gone. The prompt is the one evaluation scores
 (`kd2edge.data.prompts`), so a served answer is the answer the QA figures were measured on.
 
 Standard library only (and kd2edge.data at call time): it runs in the image, on Python 3.10.
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 ANSWER_FIELDS = ("question", "context")
 RETRY_AFTER_S = 1   # what a 503 tells the client to wait: about one answer's time on a laptop
+QUEUE_TIMEOUT_S = 60.0  # longest wait for the model; HTTP clients commonly give up after 60-120 s
 
 
 class RequestError(Exception):
@@ -79,10 +82,11 @@ class AnswerService:
         max_queue: requests allowed to wait behind the running one before 503.
         context_length: the token window served (at most the model's); longer prompts get 413.
         name: what /healthz calls the model.
+        queue_timeout_s: longest a request may wait for the model before it is refused (503).
     """
 
     def __init__(self, model: Any, max_new_tokens: int = 24, max_queue: int = 8,
-                 context_length: int = 2048, name: str = "model"):
+                 context_length: int = 2048, name: str = "model", queue_timeout_s: float = QUEUE_TIMEOUT_S):
         from kd2edge.data.items import QAItem
         from kd2edge.data.prompts import build_prompt, extract_answer
 
@@ -91,6 +95,7 @@ class AnswerService:
         self.max_queue = int(max_queue)
         self.context_length = min(int(context_length), int(getattr(model, "context_length", context_length)))
         self.name = name
+        self.queue_timeout_s = float(queue_timeout_s)
         self._build_prompt, self._extract_answer, self._item = build_prompt, extract_answer, QAItem
         self._generate_lock = threading.Lock()
         # Places = the running request + the waiting ones; a request that finds none is refused.
@@ -137,16 +142,27 @@ class AnswerService:
                 self._admitted -= 1
             self._places.release()
 
-    def generate(self, ids: list[int]) -> Any:
+    def generate(self, ids: list[int], arrived: float | None = None) -> Any:
         """Generate the answer tokens for a prompt, waiting for the model if another request holds it.
 
         Args:
             ids: prompt token ids (from `prompt_ids`).
+            arrived: when the request arrived (time.monotonic()); its wait for the model counts from
+                then (default: now).
 
         Returns:
             The model's generation (greedy): `.text`, `.tokens`, `.prompt_tokens`.
+
+        Raises:
+            RequestError: 503 when the request waited longer than `queue_timeout_s` for the model.
         """
+        arrived = time.monotonic() if arrived is None else arrived
         with self._generate_lock:
+            waited = time.monotonic() - arrived
+            if waited > self.queue_timeout_s:
+                raise RequestError(503, f"server busy: this request waited {waited:.1f} s for the model "
+                                        f"(limit {self.queue_timeout_s:g} s), retry shortly",
+                                   headers={"Retry-After": str(RETRY_AFTER_S)})
             with self._state_lock:
                 self._running += 1
             try:

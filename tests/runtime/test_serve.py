@@ -8,6 +8,7 @@ server is the real one (uvicorn + Starlette) on a free loopback port, in a threa
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -296,6 +297,34 @@ def test_one_request_generates_at_a_time_and_a_full_queue_gets_503(live):
     assert results["one"][:2] == (200, {"answer": "eno", "latency_ms": results["one"][1]["latency_ms"]})
     assert results["two"][1]["answer"] == "owt"
     assert lm.max_active == 1 and lm.order == ["one", "two"]
+
+
+def test_a_request_that_waited_too_long_for_the_model_gets_503_without_generating():
+    lm = FakeLM()
+    server = Live(AnswerService(lm, max_new_tokens=8, max_queue=2, queue_timeout_s=0.5), log_format=None)
+    try:
+        lm.gate.clear()
+        results = {}
+
+        def ask(name):
+            results[name] = request_json(server.url + "/v1/answer", "POST", {"question": name, "context": ""})
+
+        first = threading.Thread(target=ask, args=("one",))
+        first.start()
+        assert lm.entered.acquire(timeout=10)
+        second = threading.Thread(target=ask, args=("two",))
+        second.start()
+        time.sleep(1.0)         # "two" waits behind "one" for longer than 0.5 s
+        lm.gate.set()
+        first.join(10)
+        second.join(10)
+    finally:
+        server.stop()
+    assert results["one"][0] == 200
+    status, body, headers = results["two"]
+    assert (status, headers["Retry-After"]) == (503, "1")
+    assert re.search(r"server busy: this request waited \d+\.\d s for the model \(limit 0\.5 s\)", body["error"])
+    assert lm.order == ["one"]  # "two" never reached the model
 
 
 def test_json_request_log_has_one_object_per_request():
