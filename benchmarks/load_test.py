@@ -7,9 +7,12 @@ either the reference answer (200) or a clear refusal (503 queue full); a wrong a
 another status or a lost request (connection error) fails the run (exit 1).
 
     python benchmarks/load_test.py ARTIFACT [--clients 16] [--duration 20] [--max-requests 2000]
+    python benchmarks/load_test.py --url http://127.0.0.1:PORT [...]   # a server already running
 
 ARTIFACT is an export folder (`kd2edge export`); without one, `--tiny` exports a tiny
 random llama first (needs torch/optimum; its answers are nonsense but deterministic).
+`--url` loads a server that is already running (e.g. the packaged image started with
+`docker run --network host IMAGE serve --port PORT`); it must be on loopback.
 Questions come from ../shared/data/squad_dev_sample.json when present (`--squad`),
 else from a few built-in ones. Prints and optionally writes (--out) a JSON summary.
 """
@@ -23,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from kd2edge.package.launch import ServerProcess, request_json
 from kd2edge.runtime.stats import percentile
@@ -110,6 +114,7 @@ def run_load(url: str, questions: list[tuple[str, str]], expected: list[str], cl
     return {
         "clients": clients, "duration_s": round(wall, 2), "sent": sent[0], "answered": len(records),
         "by_status": by_status, "correct": len(ok), "wrong": wrong, "lost": len(lost), "lost_examples": lost[:3],
+        "refused_503": by_status.get("503", 0),
         "other_status": sum(v for k, v in by_status.items() if k not in ("200", "503")),
         "latency_ms": {"p50": round(percentile(ok, 50) * 1000, 1), "p95": round(percentile(ok, 95) * 1000, 1)}
         if ok else None,
@@ -117,10 +122,28 @@ def run_load(url: str, questions: list[tuple[str, str]], expected: list[str], cl
     }
 
 
+class RunningServer:
+    """A server this script did not start (`--url`): nothing to stop; its exit code is not known here."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def stop(self, timeout_s: float = 0.0) -> int:
+        return 0
+
+
+def server_argv(artifact: Path, args: argparse.Namespace) -> list[str]:
+    """The `kd2edge serve` command this script starts on a free loopback port."""
+    argv = [sys.executable, "-m", "kd2edge.cli", "serve", str(artifact), "--host", "127.0.0.1", "--port", "0",
+            "--quiet", "--max-queue", str(args.max_queue), "--max-new-tokens", str(args.max_new_tokens)]
+    return argv + (["--threads", str(args.threads)] if args.threads else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("artifact", nargs="?", help="export folder (omit with --tiny)")
+    p.add_argument("artifact", nargs="?", help="export folder (omit with --tiny or --url)")
     p.add_argument("--tiny", action="store_true", help="export and serve a tiny random llama")
+    p.add_argument("--url", default=None, help="load this running server (http://127.0.0.1:PORT) instead of starting one")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load (capped at 600)")
     p.add_argument("--max-requests", type=int, default=2000, help=f"cap on requests sent (<= {HARD_CAP_REQUESTS})")
@@ -129,23 +152,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--questions", type=int, default=8)
     p.add_argument("--squad", default="../shared/data/squad_dev_sample.json")
+    p.add_argument("--ready-timeout", type=float, default=300.0,
+                   help="seconds the started server may take to load the model and listen")
     p.add_argument("--out", default=None, help="also write the JSON summary here")
     args = p.parse_args(argv)
-    if not args.artifact and not args.tiny:
-        p.error("give an export folder, or --tiny")
+    if sum(map(bool, (args.artifact, args.tiny, args.url))) != 1:
+        p.error("give one of: an export folder, --tiny, --url")
+    if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        p.error("--url must be a loopback address (127.0.0.1): this benchmark sends load to this machine only")
     duration = min(args.duration, HARD_CAP_SECONDS)
     max_requests = min(args.max_requests, HARD_CAP_REQUESTS)
 
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = Path(args.artifact) if args.artifact else export_tiny(Path(tmp))
+        artifact = None if args.url else Path(args.artifact) if args.artifact else export_tiny(Path(tmp))
         squad = Path(args.squad)
         questions = squad_questions(squad, args.questions) if squad.is_file() else BUILTIN[:args.questions]
-        argv_server = [sys.executable, "-m", "kd2edge.cli", "serve", str(artifact), "--host", "127.0.0.1",
-                       "--port", "0", "--quiet", "--max-queue", str(args.max_queue),
-                       "--max-new-tokens", str(args.max_new_tokens)]
-        if args.threads:
-            argv_server += ["--threads", str(args.threads)]
-        server = ServerProcess(argv_server)
+        server = RunningServer(args.url) if args.url else ServerProcess(server_argv(artifact, args),
+                                                                        ready_timeout_s=args.ready_timeout)
         try:
             expected, single, kept = [], [], []
             for q, c in questions:  # one at a time: the reference answers and the unloaded latency
@@ -164,13 +187,15 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 1
             result = run_load(server.url, questions, expected, args.clients, duration, max_requests)
-            result["server_metrics"] = request_json(server.url + "/metrics")[1]
+            result["server_metrics"] = request_json(server.url + "/metrics?format=json")[1]
+            result["max_new_tokens"] = request_json(server.url + "/healthz")[1].get("max_new_tokens")
         finally:
-            code = server.stop()
-        result.update(artifact=str(artifact), tiny=args.tiny, questions=len(questions), skipped_too_long=skipped,
+            # Queued requests are answered (or time out after 60 s) before a graceful exit.
+            code = server.stop(timeout_s=180)
+        result.update(artifact=str(artifact) if artifact else None, url=args.url, tiny=args.tiny, questions=len(questions), skipped_too_long=skipped,
                       question_source=str(squad) if squad.is_file() else "built-in",
                       single_request_latency_ms={"p50": round(percentile(single, 50), 1)},
-                      max_queue=args.max_queue, max_new_tokens=args.max_new_tokens, server_exit_code=code)
+                      max_queue=result["server_metrics"].get("max_queue"), server_exit_code=None if args.url else code)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -20,6 +20,8 @@ class PackageConfig:
     max_new_tokens: int = field(default=24, metadata=rule(min=1, max=4096))
     max_queue: int = field(default=8, metadata=rule(min=0, max=1024, help="requests waiting before 503"))
     smoke_test: bool = True  # serve one question from the context (torch-free) and compare with the runtime
+    # Build the image with Docker (`kd2edge package --build`), run it, and record its id, size and times.
+    build: bool = False
 
     def problems(self) -> list[str]:
         if not _IMAGE_NAME.match(self.image_name):

@@ -10,6 +10,11 @@ Layout of a context (what `write_context` writes):
     app/settings.json   the profile's serving and profiling settings
     app/artifact/       the exported artifact, copied
 
+Every file in a context is made readable by everyone (folders listable): the image runs
+as uid 10001, and `COPY` keeps the modes of the files it copies, so a file written 0600
+(safetensors and ONNX external data are) would be unreadable in the container. Docker's
+legacy builder has no `COPY --chmod`, so the modes are fixed here.
+
 The image's code is *copied*, not installed from a wheel: only the modules that
 `kd2edge.runtime.entrypoint` reaches through its imports, found by reading their
 import statements. Every third-party import among them must be one of the runtime
@@ -23,8 +28,10 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -34,10 +41,15 @@ import kd2edge
 from kd2edge.errors import ConfigError, StageError
 
 ENTRY_MODULE = "kd2edge.runtime.entrypoint"
-# Distributions the image may install (lower-case names): the runtime and the profiler.
-IMAGE_LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "tokenizers", "numpy", "jinja2", "psutil", "tqdm")
-# Never importable where the image's code is checked, so a stray import fails loudly.
-HEAVY_MODULES = ("torch", "transformers", "optimum", "accelerate", "trl", "datasets", "onnx", "click")
+# Distributions the image may install (lower-case names): the runtime, the profiler and the HTTP server.
+IMAGE_LIBRARIES = ("onnxruntime", "onnxruntime-gpu", "tokenizers", "numpy", "jinja2", "psutil", "tqdm",
+                   "uvicorn", "starlette", "prometheus-client")
+# Never importable where the image's code is checked, so a stray import fails loudly. (click is not
+# among them: uvicorn imports it; kd2edge's own CLI is kept out because it is not in the context.)
+HEAVY_MODULES = ("torch", "transformers", "optimum", "accelerate", "trl", "datasets", "onnx")
+# The newest releases with wheels for Python 3.10 (the JetPack 6 image); images on Python 3.11+
+# get the versions kd2edge is tested with (installed here).
+PY310_PINS = {"numpy": "2.2.6", "uvicorn": "0.54.0", "starlette": "1.7.0"}
 # Standard-library modules newer than Python 3.10 (the JetPack 6 image runs 3.10).
 PY311_MODULES = ("tomllib", "wsgiref.types")
 TEMPLATES = Path(__file__).parent / "templates"
@@ -55,15 +67,13 @@ class JetsonRelease:
     python: str
     ort_index: str
     ort_version: str
-    numpy_version: str  # the newest numpy with wheels for `python`
 
 
 # NVIDIA's Jetson AI Lab index builds onnxruntime-gpu per JetPack and CUDA (jp6/cu126 = JetPack 6.1/6.2,
 # CUDA 12.6); PyPI has no aarch64 CUDA build. r36.4 images are Ubuntu 22.04 with Python 3.10.
 JETSON_RELEASES = {
     "r36.4": JetsonRelease(l4t="r36.4", jetpack="6.1", cuda="12.6", ubuntu="22.04", python="3.10",
-                           ort_index="https://pypi.jetson-ai-lab.io/jp6/cu126", ort_version="1.23.0",
-                           numpy_version="2.2.6"),
+                           ort_index="https://pypi.jetson-ai-lab.io/jp6/cu126", ort_version="1.23.0"),
 }
 
 
@@ -192,12 +202,18 @@ def distribution_of(import_name: str) -> str | None:
     return names[0] if names else None
 
 
+def normalize_name(name: str) -> str:
+    """A distribution name as package indexes compare them (PEP 503): "prometheus_client" -> "prometheus-client"."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def image_requirements(scan: ModuleScan, base: BaseImage, onnxruntime_package: str) -> tuple[list[str], list[str]]:
     """Pinned requirements for the image, from what its modules import.
 
     Args:
         scan: the image's modules and their imports.
-        base: the base image (Jetson releases pin their own onnxruntime-gpu and numpy).
+        base: the base image (Jetson releases install onnxruntime-gpu from NVIDIA's index; Python 3.10
+            images get the PY310_PINS versions).
         onnxruntime_package: the profile's `docker.onnxruntime_package`.
 
     Returns:
@@ -207,7 +223,7 @@ def image_requirements(scan: ModuleScan, base: BaseImage, onnxruntime_package: s
         StageError: a module-level import of a library the image must not hold (torch...),
             or a Python 3.11 module in an image running 3.10.
     """
-    allowed = {n.lower() for n in IMAGE_LIBRARIES}
+    allowed = {normalize_name(n) for n in IMAGE_LIBRARIES}
     wanted: dict[str, str] = {}
     notes: list[str] = []
     problems: list[str] = []
@@ -217,7 +233,7 @@ def image_requirements(scan: ModuleScan, base: BaseImage, onnxruntime_package: s
                 problems.append(f"{name} (Python 3.11+, the image runs {base.python}) imported at {', '.join(where)}")
             continue
         dist = distribution_of(name)
-        key = (dist or name).lower()
+        key = normalize_name(dist or name)
         if key in allowed and dist is not None:
             wanted[key] = dist
         elif name in scan.lazy_only:
@@ -235,8 +251,8 @@ def image_requirements(scan: ModuleScan, base: BaseImage, onnxruntime_package: s
             if base.jetson is not None:
                 continue  # installed from NVIDIA's index in its own Dockerfile step
             dist = onnxruntime_package
-        if key == "numpy" and base.jetson is not None:
-            version = base.jetson.numpy_version
+        if base.python == "3.10":
+            version = PY310_PINS.get(key, version)
         lines.append(f"{dist}=={version}")
     return lines, notes
 
@@ -254,10 +270,26 @@ def render(template: str, values: dict[str, str]) -> str:
 
 
 def build_command(image: str, platform: str, context_dir: str | Path) -> str:
-    """The command that builds the image: buildx (cross-building, --load into the local store) for arm64."""
-    if platform == "linux/amd64":
-        return f"docker build --platform {platform} -t {image} {context_dir}"
-    return f"docker buildx build --platform {platform} -t {image} --load {context_dir}"
+    """The command that builds the image, for any platform.
+
+    Plain `docker build --platform` works with the legacy builder and with BuildKit's default
+    (docker) driver, natively or through QEMU for another architecture (see `build_note`), and
+    leaves the image in the local store. `docker buildx build --load` is only needed with a
+    docker-container builder, e.g. for multi-platform builds. `--network host`: the build's
+    `pip install` needs the network, and a daemon without a bridge network
+    (`dockerd --bridge=none`) gives build steps none otherwise; with a bridge it changes nothing
+    the image holds.
+    """
+    return f"docker build --network host --platform {platform} -t {image} {context_dir}"
+
+
+def build_note(platform: str) -> str:
+    """What building for `platform` needs on a host of another architecture, in one sentence."""
+    arch = platform.rsplit("/", 1)[-1]
+    return (f"On a host of another architecture, building {platform} needs QEMU registered with binfmt_misc "
+            f"(apt-get install qemu-user-static binfmt-support, or `docker run --privileged --rm tonistiigi/binfmt "
+            f"--install {arch}`); `docker buildx build --platform {platform} --load` is only needed with a "
+            f"docker-container builder.")
 
 
 def image_tag(image_name: str, profile: str, artifact_hash: str) -> str:
@@ -294,7 +326,7 @@ def readme(base: BaseImage, profile: str, platform: str, image: str, port: int, 
     if base.jetson is not None:
         requirements = requirements + [f"onnxruntime-gpu=={base.jetson.ort_version}  (from {base.jetson.ort_index})"]
     values = {"PROFILE": profile, "PLATFORM": platform, "IMAGE": image, "PORT": str(port), "BUILD_COMMAND": build,
-              "GPU_FLAG": gpu, "DEVICE": device, "NOTES": notes or "-",
+              "BUILD_NOTE": build_note(platform), "GPU_FLAG": gpu, "DEVICE": device, "NOTES": notes or "-",
               "REQUIREMENTS": "\n".join(f"    {r}" for r in requirements) or "    (none)"}
     return render((TEMPLATES / "README.md").read_text(encoding="utf-8"), values)
 
@@ -306,6 +338,55 @@ def copy_modules(files: list[Path], app_dir: Path, root: Path | None = None) -> 
         target = app_dir / "kd2edge" / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, target)
+
+
+def make_readable(folder: Path) -> list[str]:
+    """Give everyone read access to every file under `folder` (and list access to its folders).
+
+    Files become 0644 (0755 when their owner may execute them), folders 0755; symlinks are left alone.
+
+    Args:
+        folder: the build context.
+
+    Returns:
+        The files and folders whose modes were too narrow, relative to `folder`, with their old modes
+        (e.g. "app/artifact/model.onnx.data (was 0600)").
+    """
+    fixed: list[str] = []
+    for path in [folder, *sorted(folder.rglob("*"))]:
+        if path.is_symlink():
+            continue
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_dir():
+            wanted = mode | 0o755
+        else:
+            wanted = mode | (0o755 if mode & stat.S_IXUSR else 0o644)
+        if wanted != mode:
+            os.chmod(path, wanted)
+        need = (stat.S_IROTH | stat.S_IXOTH) if path.is_dir() else stat.S_IROTH
+        if mode & need != need:
+            fixed.append(f"{path.relative_to(folder).as_posix() or '.'} (was {mode:04o})")
+    return fixed
+
+
+def unreadable_by_others(folder: Path) -> list[str]:
+    """Files under `folder` another user (the image's uid 10001) cannot read, folders it cannot list.
+
+    Args:
+        folder: the build context.
+
+    Returns:
+        Their paths relative to `folder` with their modes; empty when the image can read everything.
+    """
+    bad = []
+    for path in [folder, *sorted(folder.rglob("*"))]:
+        if path.is_symlink():
+            continue
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        need = (stat.S_IROTH | stat.S_IXOTH) if path.is_dir() else stat.S_IROTH
+        if mode & need != need:
+            bad.append(f"{path.relative_to(folder).as_posix() or '.'} ({mode:04o})")
+    return bad
 
 
 def settings(profile, port: int, max_new_tokens: int, max_queue: int) -> dict:
@@ -344,6 +425,7 @@ class ContextInfo:
     requirements: list[str]
     modules: list[str]
     notes: list[str]
+    made_readable: list[str] = field(default_factory=list)
 
 
 def write_context(artifact_dir: Path, artifact_hash: str, profile, out_dir: Path, image_name: str,
@@ -381,16 +463,18 @@ def write_context(artifact_dir: Path, artifact_hash: str, profile, out_dir: Path
     shutil.copytree(artifact_dir, app_dir / "artifact", dirs_exist_ok=True)
     (app_dir / "settings.json").write_text(json.dumps(settings(profile, port, max_new_tokens, max_queue), indent=2) + "\n",
                                            encoding="utf-8")
-    header = [f"# kd2edge serving image, profile {profile.name}; runtime libraries only (no torch).",
+    pins = ", ".join(f"{k} {v}" for k, v in PY310_PINS.items())
+    header = [f"# kd2edge serving image, profile {profile.name}; runtime libraries and the HTTP server only (no torch).",
               "# Versions are those kd2edge was tested with" +
-              (f"; numpy {base.jetson.numpy_version} for Python {base.python} (JetPack)." if base.jetson else ".")]
+              (f"; for Python 3.10 the newest with 3.10 wheels: {pins}." if base.python == "3.10" else ".")]
     (out_dir / "requirements.txt").write_text("\n".join(header + requirements) + "\n", encoding="utf-8")
     (out_dir / "Dockerfile").write_text(dockerfile(base, profile.name, platform, port, build_here), encoding="utf-8")
     shutil.copy2(TEMPLATES / "dockerignore", out_dir / ".dockerignore")
     (out_dir / "README.md").write_text(readme(base, profile.name, platform, image, port, build_here, requirements,
                                               profile.docker.notes), encoding="utf-8")
+    made_readable = make_readable(out_dir)
     return ContextInfo(out_dir, out_dir / "Dockerfile", build, image, platform, requirements,
-                       [f"kd2edge/{f.as_posix()}" for f in scan.files], notes)
+                       [f"kd2edge/{f.as_posix()}" for f in scan.files], notes, made_readable)
 
 
 def entrypoint_argv(context_dir: Path, *args: str, python: str | None = None) -> list[str]:

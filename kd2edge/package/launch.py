@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from email.message import Message
 from pathlib import Path
 
 from kd2edge.errors import StageError
@@ -85,7 +86,7 @@ class ServerProcess:
 
 
 def request_json(url: str, method: str = "GET", payload: object = None, body: bytes | None = None,
-                 headers: dict[str, str] | None = None, timeout_s: float = 120.0) -> tuple[int, dict, dict]:
+                 headers: dict[str, str] | None = None, timeout_s: float = 120.0) -> tuple[int, dict, Message]:
     """Send one HTTP request and parse the JSON reply.
 
     Args:
@@ -93,7 +94,8 @@ def request_json(url: str, method: str = "GET", payload: object = None, body: by
         payload: JSON-encoded as the body when given; `body` sends raw bytes instead.
 
     Returns:
-        (status, parsed JSON body, response headers); 4xx/5xx replies are returned, not raised.
+        (status, parsed JSON body, response headers, looked up case-insensitively); 4xx/5xx replies
+        are returned, not raised.
 
     Raises:
         OSError: the connection failed (refused, reset, timed out).
@@ -103,7 +105,7 @@ def request_json(url: str, method: str = "GET", payload: object = None, body: by
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return resp.status, json.loads(resp.read() or b"{}"), dict(resp.headers)
+            return resp.status, json.loads(resp.read() or b"{}"), resp.headers
     except urllib.error.HTTPError as e:
         with e:
-            return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
+            return e.code, json.loads(e.read() or b"{}"), e.headers

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from kd2edge.errors import ConfigError, StageError
-from kd2edge.package.context import (JETSON_RELEASES, ModuleScan, base_image, build_command, dockerfile, hadolint,
-                                     image_requirements, image_tag, render, scan_modules)
+from kd2edge.package.context import (JETSON_RELEASES, ModuleScan, base_image, build_command, build_note, dockerfile,
+                                     hadolint, image_requirements, image_tag, make_readable, render, scan_modules,
+                                     unreadable_by_others)
 
 
 def test_render_fills_placeholders_and_rejects_mismatches():
@@ -33,8 +34,12 @@ def test_base_image_kinds():
 
 
 def test_build_command_and_tag():
-    assert build_command("m:t", "linux/amd64", "/c") == "docker build --platform linux/amd64 -t m:t /c"
-    assert build_command("m:t", "linux/arm64", "/c") == "docker buildx build --platform linux/arm64 -t m:t --load /c"
+    assert build_command("m:t", "linux/amd64", "/c") == "docker build --network host --platform linux/amd64 -t m:t /c"
+    # plain `docker build --platform` works natively, with QEMU, and with both builders; buildx is only
+    # needed with a docker-container builder, and the note says so
+    assert build_command("m:t", "linux/arm64", "/c") == "docker build --network host --platform linux/arm64 -t m:t /c"
+    note = build_note("linux/arm64")
+    assert "qemu-user-static" in note and "docker buildx build --platform linux/arm64 --load" in note
     assert image_tag("kd2edge-model", "laptop-cpu", "0123456789abcdef") == "kd2edge-model:laptop-cpu-0123456789ab"
 
 
@@ -76,11 +81,18 @@ def test_requirements_pin_allowed_libraries_and_refuse_heavy_ones():
         image_requirements(eager_torch, cpu, "onnxruntime")
 
 
-def test_jetson_requirements_leave_onnxruntime_to_nvidias_index_and_pin_numpy_for_py310():
+def test_jetson_requirements_leave_onnxruntime_to_nvidias_index_and_pin_py310_releases():
     jet = base_image("nvcr.io/nvidia/l4t-jetpack:r36.4.0")
     scan = ModuleScan(libraries={"numpy": ["a.py:1"], "onnxruntime": ["a.py:2"]}, lazy_only={})
     lines, _ = image_requirements(scan, jet, "onnxruntime-gpu")
     assert lines == ["numpy==2.2.6"]
+    server = ModuleScan(libraries={"uvicorn": ["s.py:1"], "starlette": ["s.py:2"], "prometheus_client": ["m.py:1"]})
+    from importlib.metadata import version
+    prometheus = f"prometheus_client=={version('prometheus_client')}"
+    # the newest uvicorn and starlette with Python 3.10 wheels; the 3.11 images get the tested versions
+    assert image_requirements(server, jet, "onnxruntime-gpu")[0] == [prometheus, "starlette==1.7.0", "uvicorn==0.54.0"]
+    cpu = image_requirements(server, base_image("python:3.11-slim-bookworm"), "onnxruntime")[0]
+    assert cpu == [prometheus, f"starlette=={version('starlette')}", f"uvicorn=={version('uvicorn')}"]
     with pytest.raises(StageError, match="tomllib"):
         image_requirements(ModuleScan(libraries={"tomllib": ["p.py:1"]}), jet, "onnxruntime-gpu")
 
@@ -92,7 +104,7 @@ def test_the_real_image_modules_are_torch_free_and_need_only_runtime_libraries()
     assert "cli.py" not in files and "package/stage.py" not in files
     lines, _ = image_requirements(scan, base_image("python:3.11-slim-bookworm"), "onnxruntime")
     names = {line.split("==")[0].lower() for line in lines}
-    assert {"onnxruntime", "tokenizers", "numpy", "jinja2"} <= names
+    assert {"onnxruntime", "tokenizers", "numpy", "jinja2", "uvicorn", "starlette", "prometheus_client"} <= names
     assert not names & {"torch", "transformers", "optimum", "onnx"}
 
 
@@ -136,3 +148,19 @@ def test_the_projects_own_dockerfile_passes_hadolint():
     assert hadolint(dockerfile_path) == []
     text = dockerfile_path.read_text()
     assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in text and "download.pytorch.org/whl/cpu" in text
+
+
+def test_make_readable_opens_narrow_files_to_the_image_user(tmp_path):
+    ctx = tmp_path / "ctx"
+    (ctx / "app" / "artifact").mkdir(parents=True)
+    data, script, fine = ctx / "app/artifact/model.onnx.data", ctx / "app/run.sh", ctx / "app/settings.json"
+    for path, mode in ((data, 0o600), (script, 0o700), (fine, 0o644)):
+        path.write_text("x")
+        path.chmod(mode)
+    (ctx / "app" / "artifact").chmod(0o700)
+    assert unreadable_by_others(ctx) == ["app/artifact (0700)", "app/artifact/model.onnx.data (0600)", "app/run.sh (0700)"]
+    fixed = make_readable(ctx)
+    assert fixed == ["app/artifact (was 0700)", "app/artifact/model.onnx.data (was 0600)", "app/run.sh (was 0700)"]
+    assert unreadable_by_others(ctx) == [] and make_readable(ctx) == []
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (data, script, fine, ctx / "app" / "artifact")}
+    assert modes == {"model.onnx.data": 0o644, "run.sh": 0o755, "settings.json": 0o644, "artifact": 0o755}

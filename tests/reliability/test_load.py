@@ -61,7 +61,7 @@ def _settled_metrics(url: str, answers: int, wait_s: float = 5.0) -> dict:
     after sending its reply, so the last replies may reach the client before they are counted."""
     deadline = time.monotonic() + wait_s
     while True:
-        metrics = request_json(url + "/metrics")[1]
+        metrics = request_json(url + "/metrics?format=json")[1]
         if metrics["requests"]["by_route"].get("/v1/answer", 0) >= answers or time.monotonic() > deadline:
             return metrics
         time.sleep(0.05)
@@ -86,6 +86,7 @@ def test_serve_holds_a_bounded_concurrent_load(exported):
 
     assert result["lost"] == 0, result["lost_examples"]
     assert result["wrong"] == 0 and result["other_status"] == 0, result
+    assert result["refused_503"] == result["by_status"].get("503", 0)
     assert result["correct"] > 0 and result["answered"] == result["sent"] <= 400
     assert set(result["by_status"]) <= {"200", "503"}
     for status, body, headers in burst:
