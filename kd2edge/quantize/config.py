@@ -20,6 +20,9 @@ class QuantizeConfig:
     static_groups: bool = True
     damp: float = field(default=0.01, metadata=rule(min=0, max=1, help="fraction of mean diag(H) added"))
     block_size: int = field(default=128, metadata=rule(min=1, max=8192))
+    # The output head (tied: the input embedding too) in 4 bits, same grid and groups as the layers:
+    # "gptq" calibrated on the quantized model's own final hidden states, "rtn", or "float".
+    head: Literal["gptq", "rtn", "float"] = "gptq"
     calib_samples: int = field(default=128, metadata=rule(min=1, max=100_000))
     calib_max_tokens: int = field(default=512, metadata=rule(min=8, max=131_072))
 
