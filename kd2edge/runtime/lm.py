@@ -86,6 +86,7 @@ class KVCache:
     capacity: int | None = None                   # rows of each shared buffer; None: growing
     buffers: list = field(default_factory=list)   # shared: the numpy arrays behind `values`
     binding: object = None                        # shared: the IOBinding holding past/present
+    bound: dict = field(default_factory=dict)     # shared: input/output name -> the object `binding` points at
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What the cache holds: past input name -> float array [1, kv_heads, length, head_dim] (a copy)."""
@@ -289,30 +290,42 @@ class OnnxLM:
         total = cache.length + n
         if cache.capacity is not None and total > cache.capacity:
             self._grow(cache, min(max(total, cache.capacity + KV_CHUNK), self.context_length))
-        binding = cache.binding if cache.capacity is not None else self.session.io_binding()
-        # numpy inputs must stay alive until the run: io_binding only points at their memory
+        shared = cache.capacity is not None
+        binding = cache.binding if shared else self.session.io_binding()
+        bound = cache.bound if shared else {}
+
+        def bind(name: str, value, output: bool = False) -> None:
+            # A reused binding already points at this object's memory (the decode step's token array,
+            # logits_to_keep, the logits buffer): written in place, it needs no new binding. numpy inputs
+            # must stay alive until the run; io_binding only points at their memory.
+            if bound.get(name) is value:
+                return
+            if output:
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+            bound[name] = value
+
         if n == 1:
             self._token[0, 0] = input_ids[0]
-            ids = self._token
+            bind("input_ids", self._token)
         else:
-            ids = np.asarray([input_ids], dtype=np.int64)
-        binding.bind_cpu_input("input_ids", ids)
+            bind("input_ids", np.asarray([input_ids], dtype=np.int64))
         if self._has_mask:
             if self._ones.shape[1] < total:
                 self._ones = np.ones((1, max(total, 2 * self._ones.shape[1])), dtype=np.int64)
-            binding.bind_cpu_input("attention_mask", self._ones[:, :total])
+            bind("attention_mask", self._ones[:, :total])             # a new view (width = total) every step
         if self._has_positions:
-            positions = np.arange(cache.length, total, dtype=np.int64)[None, :]
-            binding.bind_cpu_input("position_ids", positions)
+            bind("position_ids", np.arange(cache.length, total, dtype=np.int64)[None, :])
         kept = n if keep <= 0 else min(keep, n)
         if self._has_keep:
-            binding.bind_cpu_input(LOGITS_TO_KEEP, self._keep.get(keep) if keep in self._keep
-                                   else np.array([keep], dtype=np.int64))
+            bind(LOGITS_TO_KEEP, self._keep.get(keep) if keep in self._keep else np.array([keep], dtype=np.int64))
         one_row = kept == 1 and (self._has_keep or n == 1) and self._last_logits is not None
         if one_row:
-            binding.bind_ortvalue_output("logits", self._last_logits_ortvalue())
+            bind("logits", self._last_logits_ortvalue(), output=True)
         else:
             binding.bind_output("logits", "cpu")
+            bound.pop("logits", None)
         if cache.capacity is None:
             for name, value in zip(self._past_names, cache.values):
                 binding.bind_ortvalue_input(name, value)
@@ -349,7 +362,7 @@ class OnnxLM:
             buffers.append(new)
         cache.buffers, cache.capacity = buffers, capacity
         cache.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
-        cache.binding = self.session.io_binding()
+        cache.binding, cache.bound = self.session.io_binding(), {}
         cache.binding.bind_output("logits", "cpu")       # first: get_outputs() lists outputs in binding order
         for past, present, value in zip(self._past_names, self._present_names, cache.values):
             cache.binding.bind_ortvalue_input(past, value)
