@@ -87,6 +87,11 @@ class KVCache:
     buffers: list = field(default_factory=list)   # shared: the numpy arrays behind `values`
     binding: object = None                        # shared: the IOBinding holding past/present
     bound: dict = field(default_factory=dict)     # shared: input/output name -> the object `binding` points at
+    # Per sequence, so that two sequences can run at once: the decode step's input id [1, 1] and the
+    # one-position logits [1, 1, vocab] (with the OrtValue over them), written in place every step.
+    token: np.ndarray = field(default_factory=lambda: np.zeros((1, 1), dtype=np.int64))
+    logits: np.ndarray | None = None
+    logits_value: object = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What the cache holds: past input name -> float array [1, kv_heads, length, head_dim] (a copy)."""
@@ -128,13 +133,10 @@ class OnnxLM:
         self.shares_kv_buffer = metadata.get(SHARED_KV_METADATA) == "1" and self._has_mask
         vocab = outputs["logits"].shape[-1]
         self._vocab = vocab if isinstance(vocab, int) else None
-        # Arrays reused by every step (io_binding points at their memory): the decode step's
-        # input id, the mask's ones, logits_to_keep values, the one-position logits.
-        self._token = np.zeros((1, 1), dtype=np.int64)
+        # Read-only arrays every step may bind (io_binding points at their memory): the mask's ones
+        # (a view of the first `total`), the usual logits_to_keep values.
         self._ones = np.ones((1, 0), dtype=np.int64)
         self._keep = {k: np.array([k], dtype=np.int64) for k in (0, 1)}
-        self._last_logits = None if self._vocab is None else np.zeros((1, 1, self._vocab), dtype=np.float32)
-        self._last_logits_value = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -307,8 +309,8 @@ class OnnxLM:
             bound[name] = value
 
         if n == 1:
-            self._token[0, 0] = input_ids[0]
-            bind("input_ids", self._token)
+            cache.token[0, 0] = input_ids[0]
+            bind("input_ids", cache.token)
         else:
             bind("input_ids", np.asarray([input_ids], dtype=np.int64))
         if self._has_mask:
@@ -320,9 +322,9 @@ class OnnxLM:
         kept = n if keep <= 0 else min(keep, n)
         if self._has_keep:
             bind(LOGITS_TO_KEEP, self._keep.get(keep) if keep in self._keep else np.array([keep], dtype=np.int64))
-        one_row = kept == 1 and (self._has_keep or n == 1) and self._last_logits is not None
+        one_row = kept == 1 and (self._has_keep or n == 1) and self._vocab is not None
         if one_row:
-            bind("logits", self._last_logits_ortvalue(), output=True)
+            bind("logits", self._logits_value(cache), output=True)
         else:
             binding.bind_output("logits", "cpu")
             bound.pop("logits", None)
@@ -338,16 +340,18 @@ class OnnxLM:
             outputs = binding.get_outputs()             # logits first, then the new present tensors
             cache.values = list(outputs[1:])
         if one_row:
-            return self._last_logits[0]
+            return cache.logits[0]
         logits = (outputs or binding.get_outputs())[0].numpy()[0]
         return logits[-kept:] if logits.shape[0] > kept else logits
 
-    def _last_logits_ortvalue(self):
+    def _logits_value(self, cache: KVCache):
+        """The OrtValue over `cache.logits` [1, 1, vocab], made on the sequence's first one-position step."""
         import onnxruntime as ort
 
-        if self._last_logits_value is None:
-            self._last_logits_value = ort.OrtValue.ortvalue_from_numpy(self._last_logits)
-        return self._last_logits_value
+        if cache.logits_value is None:
+            cache.logits = np.zeros((1, 1, self._vocab), dtype=np.float32)
+            cache.logits_value = ort.OrtValue.ortvalue_from_numpy(cache.logits)
+        return cache.logits_value
 
     def _grow(self, cache: KVCache, capacity: int) -> None:
         """Give a shared cache buffers of `capacity` rows (copying what it holds) and bind them as past and present."""

@@ -325,3 +325,27 @@ def test_shared_kv_buffers_are_written_in_place(shared_checkpoints, tmp_path):
         np.testing.assert_allclose(held[name], expected[name], atol=1e-5)
     # generation preallocates prompt + new tokens: the same tokens every time
     assert lm.generate(ids, 12).tokens == lm.generate(ids, 12).tokens
+
+
+def test_two_sequences_interleaved_keep_their_own_buffers(shared_checkpoints, tmp_path):
+    """Per-sequence token and logits buffers: sequences stepped in turn give what each gives alone."""
+    from exporters.onnx_export import export
+    from kd2edge.runtime.lm import OnnxLM
+
+    export(shared_checkpoints["llama"], tmp_path / "out")
+    lm = OnnxLM.load(tmp_path / "out", threads=1)
+    prompts = [lm.encode(lm.format_prompt("Who founded the Velmora Institute?")),
+               lm.encode(lm.format_prompt("¿Quién fundó Brimor?"))]
+    alone = [lm.generate(ids, 10, stop_token_ids=[]).tokens for ids in prompts]
+    caches = [lm.new_cache(64) for _ in prompts]
+    steps = [list(ids) for ids in prompts]
+    together: list[list[int]] = [[], []]
+    kept = []
+    for _ in range(10):
+        for i in (0, 1):
+            logits = lm.forward(steps[i], caches[i], logits_to_keep=1)       # a copy: kept intact below
+            kept.append(logits)
+            together[i].append(int(logits[-1].argmax()))
+            steps[i] = [together[i][-1]]
+    assert together == alone
+    assert int(kept[0][-1].argmax()) == alone[0][0]                          # not overwritten by later steps
