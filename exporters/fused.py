@@ -16,16 +16,30 @@ exact GPTQ codes and act-order permutations:
         -> MatMulNBits o -> SkipSimplifiedLayerNormalization
         -> MatMulNBits gate|up (one op when they share a permutation) -> Split
         -> QuickGelu(gate) * up  (SiLU = x * sigmoid(x): QuickGelu with alpha 1) -> MatMulNBits down
-    final SkipSimplifiedLayerNormalization -> lm_head (float MatMul, or 4-bit MatMulNBits)
+    final SkipSimplifiedLayerNormalization -> Slice (the last `logits_to_keep` positions)
+        -> lm_head (float MatMul, or 4-bit MatMulNBits: the checkpoint's GPTQ codes or RTN)
 
 Inputs and outputs are the genai layout that `kd2edge.runtime.lm` runs: input_ids,
-attention_mask, past_key_values.{i}.key/value [batch, kv_heads, past, head_dim] ->
-logits [batch, seq, vocab], present.{i}.key/value (keys after rotary, as transformers caches them).
+attention_mask, past_key_values.{i}.key/value [batch, kv_heads, past, head_dim], plus
+logits_to_keep (int64 [1]) -> logits [batch, kept, vocab], present.{i}.key/value (keys after
+rotary, as transformers caches them).
+
+Why logits_to_keep: generating needs the next-token logits of the last prompt position
+only, and the vocabulary head is a third of a prefill's work when every position gets logits
+(SmolLM2's 49152 x 576 at 512 tokens: 29 GFLOP, beside 51 for the 14 decoder layers' projections). Scoring a sequence
+(multiple-choice log-likelihoods) needs every position: 0 keeps them all, as in transformers.
+
+GroupQueryAttention may read and write one KV buffer (`past` and `present` bound to the same
+memory, [batch, kv_heads, capacity, head_dim]; the op appends the new keys in place at
+seqlens_k): the graph says so in its metadata (SHARED_KV_METADATA) and the runtime then
+preallocates the cache instead of copying it into a new present tensor every token.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from kd2edge.runtime.lm import LOGITS_TO_KEEP, SHARED_KV_METADATA
 
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # rope types whose cos/sin depend on the position only (not on the sequence length seen so far)
@@ -131,15 +145,17 @@ class _Builder:
         return out
 
 
-def build_fused_decoder(model, layers: dict, vocab_q: dict, accuracy_level: int):
+def build_fused_decoder(model, layers: dict, vocab: dict, accuracy_level: int):
     """The fused decoder of a Llama-family model whose quantized Linears are `layers`.
 
     Args:
         model: the dequantized transformers model (float weights for norms, embeddings,
             biases, lm_head; its rotary module gives the cos/sin caches).
         layers: GPTQ tensors per Linear module name (`read_gptq_tensors`): every q/k/v/o,
-            gate/up/down projection of every layer.
-        vocab_q: `quantize_embeddings_rtn(model)` output ({} keeps the vocabulary float).
+            gate/up/down projection of every layer (a 4-bit lm_head comes in `vocab`).
+        vocab: the vocabulary matrices held in 4 bits, {module name: MatMulNBits tensors with
+            N = vocab, K = hidden} (`exporters.vocab.vocab_matrices`): a tied pair has one entry,
+            under the input embedding's name; {} keeps both float.
         accuracy_level: MatMulNBits accuracy_level (0 exact float activations, 4 int8).
 
     Returns:
@@ -148,6 +164,8 @@ def build_fused_decoder(model, layers: dict, vocab_q: dict, accuracy_level: int)
 
     Raises:
         KeyError: a projection of some layer is not in `layers` (check `unquantized_projections` first).
+        ValueError: a 4-bit input embedding with an act-order permutation (GatherBlockQuantized
+            reads rows in stored order; `vocab_matrices` refuses it first).
     """
     from onnx import TensorProto, helper
 
@@ -158,16 +176,18 @@ def build_fused_decoder(model, layers: dict, vocab_q: dict, accuracy_level: int)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     eps = float(config.rms_norm_eps)
-    vocab = config.vocab_size
+    vocab_size = config.vocab_size
     proto = helper.make_model(helper.make_graph([], "kd2edge_fused_decoder", [], []),
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(g.MS_DOMAIN, 1)])
     b = _Builder(proto)
     graph = proto.graph
     graph.input.extend([helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
                         helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                                      ["batch_size", "total_sequence_length"])])
+                                                      ["batch_size", "total_sequence_length"]),
+                        helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1])])
     graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                                      ["batch_size", "sequence_length", vocab]))
+                                                      ["batch_size", "kept_sequence_length", vocab_size]))
+    proto.metadata_props.add(key=SHARED_KV_METADATA, value="1")
 
     # GQA's sequence bookkeeping from the mask: seqlens_k = tokens seen - 1 (int32 [batch]),
     # total_sequence_length = mask width (int32 scalar).
@@ -187,10 +207,10 @@ def build_fused_decoder(model, layers: dict, vocab_q: dict, accuracy_level: int)
     embed_name = names[id(embedding)]
     head = model.get_output_embeddings()
     tied = head.weight is embedding.weight
-    if vocab_q:
-        from exporters.vocab import vocab_packed
-
-        embed_packed = vocab_packed(vocab_q[embed_name])
+    if embed_name in vocab:
+        embed_packed = vocab[embed_name]
+        if embed_packed["perm"] is not None:
+            raise ValueError(f"{embed_name}: a 4-bit embedding with act-order columns cannot be gathered")
         embed_weights = g.add_nbits_initializers(proto, embed_name, embed_packed)
         hidden = f"/{embed_name}/output_0"
         graph.node.extend(g.gather_block_quantized_nodes(proto, embed_name, embed_weights, embed_packed,
@@ -266,11 +286,16 @@ def build_fused_decoder(model, layers: dict, vocab_q: dict, accuracy_level: int)
                            f"{prefix}.mlp.down_proj", accuracy_level, _bias(mlp.down_proj.bias))
 
     x, _ = _rms_norm(b, residual, pending, model.model.norm.weight, eps, "/model/norm")
+    x = _last_positions(b, x)                                   # [batch, kept, hidden]
     head_name = names[id(head)]
-    if vocab_q:
-        # tied: MatMulNBits over the embedding's own 4-bit bytes; untied: lm_head's RTN blocks
-        packed = embed_packed if tied else vocab_packed(vocab_q[head_name])
-        weights = embed_weights if tied else g.add_nbits_initializers(proto, head_name, packed)
+    if tied and embed_name in vocab:
+        # MatMulNBits over the embedding's own 4-bit bytes: one matrix serves both
+        graph.node.append(g.matmulnbits_node(f"/{head_name}/MatMulNBits", x, "logits", embed_packed, embed_weights,
+                                             accuracy_level))
+    elif head_name in vocab:
+        packed = vocab[head_name]
+        x = b.permuted(x, packed["perm"], head_name)
+        weights = g.add_nbits_initializers(proto, head_name, packed)
         graph.node.append(g.matmulnbits_node(f"/{head_name}/MatMulNBits", x, "logits", packed, weights, accuracy_level))
     else:
         # float lm_head: x @ W^T; tied reads the embedding table through a Transpose (folded at load)
@@ -281,6 +306,20 @@ def build_fused_decoder(model, layers: dict, vocab_q: dict, accuracy_level: int)
         graph.node.append(helper.make_node("MatMul", [x, weight_t], ["logits"], name=f"/{head_name}/MatMul"))
     return proto, {"quantized_layers": len(layers), "act_order_layers": act_order, "merged_qkv_layers": merged_qkv,
                    "nbits_weight_max_abs_diff": worst, "tied_embeddings": tied}
+
+
+def _last_positions(b: _Builder, x: str) -> str:
+    """x[:, -logits_to_keep:, :] (all positions when logits_to_keep is 0: Slice from -0 = 0).
+
+    Args:
+        x: [batch, seq, hidden] final hidden states.
+
+    Returns:
+        [batch, kept, hidden], kept = min(logits_to_keep, seq), or seq for 0.
+    """
+    start = b.node("Neg", [LOGITS_TO_KEEP], "/logits_to_keep/Neg")
+    end = b.init("const.int64_max", np.array([np.iinfo(np.int64).max], dtype=np.int64))
+    return b.node("Slice", [x, start, end, "const.axis1"], "/logits_to_keep/Slice")   # const.axis1: [1]
 
 
 def _bias(param) -> np.ndarray | None:

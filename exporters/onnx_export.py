@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from exporters.vocab import EMBEDDING_BLOCK, quantize_embeddings_rtn
+from exporters.vocab import vocab_matrices
 from kd2edge.errors import ArtifactError, StageError
 
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -27,9 +27,11 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
     Args:
         checkpoint_dir: a GPTQ checkpoint folder (kd2edge quantize output, 4 bits).
         out_dir: where to write model.onnx (+ model.onnx.data), configs and tokenizer files.
-        quantize_embeddings: also hold the vocabulary matrices in 4 bits (RTN, blocks of 32):
-            GatherBlockQuantized for the input embedding, MatMulNBits for lm_head (one
-            shared matrix when tied).
+        quantize_embeddings: also hold what the checkpoint left float of the vocabulary
+            matrices in 4 bits (RTN, blocks of 32): GatherBlockQuantized for the input
+            embedding, MatMulNBits for lm_head (one shared matrix when tied). A checkpoint with
+            a 4-bit lm_head (`kd2edge quantize`, head = gptq or rtn) is exported with its own
+            codes either way: tied, they are the embedding's too.
         accuracy_level: MatMulNBits' accuracy_level (0: float32 activations, exact to the
             dequantized weights; 4: int8 activations, faster, not exact).
         fuse: write the hand-fused graph (`exporters.fused`) for the Llama family; False
@@ -60,14 +62,14 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
                             f"MatMulNBits: quantize with bits = 4")
     layers = read_gptq_tensors(checkpoint_dir)
     model, tokenizer = load_dequantized_model(checkpoint_dir)
-    vocab_q = quantize_embeddings_rtn(model) if quantize_embeddings else {}
+    vocab, vocab_info = vocab_matrices(model, layers, quantize_embeddings)     # takes lm_head out of `layers`
     reason = unsupported_reason(model.config) if fuse else "fuse=False"
     if reason is None and unquantized_projections(model.config.num_hidden_layers, layers):
         reason = f"float projections ({unquantized_projections(model.config.num_hidden_layers, layers)[0]}, ...)"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".trace-", dir=out_dir) as tmp:
         if reason is None:
-            proto, info = build_fused_decoder(model, layers, vocab_q, accuracy_level)
+            proto, info = build_fused_decoder(model, layers, vocab, accuracy_level)
             info = {**info, "accuracy_level": accuracy_level}
             model.config.save_pretrained(tmp)
             model.generation_config.save_pretrained(tmp)
@@ -75,8 +77,8 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
         else:
             export_with_past(model, tokenizer, Path(tmp))
             proto = onnx.load(str(Path(tmp) / "model.onnx"))
-            info = rewrite_graph(proto, model, layers, vocab_q, accuracy_level)
-        info = finish_graph(proto, info, vocab_q)
+            info = rewrite_graph(proto, model, layers, vocab, accuracy_level)
+        info = finish_graph(proto, {**info, **vocab_info})
         info = {"graph": "fused" if reason is None else "traced", "fallback_reason": reason, **info}
         for name in SIDE_FILES:
             if (Path(tmp) / name).is_file():
@@ -89,30 +91,30 @@ def export(checkpoint_dir: Path, out_dir: Path, quantize_embeddings: bool = Fals
             "size_bytes": sum((out_dir / f).stat().st_size for f in files)}
 
 
-def finish_graph(proto, info: dict, vocab_q: dict) -> dict:
+def finish_graph(proto, info: dict) -> dict:
     """Check the 4-bit weights, drop what nothing reads, store exact-fp16 floats compactly.
 
     Args:
         proto: the decoder (edited in place).
-        info: what built it, with `nbits_weight_max_abs_diff` (max |MatMulNBits weight - dequantized weight|).
-        vocab_q: the 4-bit vocabulary matrices ({} when float).
+        info: what built it, with `nbits_weight_max_abs_diff` (max |MatMulNBits weight - dequantized
+            weight| over the decoder layers), `vocab_weight_max_abs_diff` (the same for the 4-bit
+            vocabulary matrices) and `embeddings` / `lm_head` ("float" or how they are held).
 
     Returns:
-        `info` plus embeddings storage and fp16_saved_bytes.
+        `info` with float storage made precise ("float16" when stored so exactly) and fp16_saved_bytes.
 
     Raises:
         StageError: the MatMulNBits weights are not exactly the checkpoint's.
     """
     from exporters import onnx_graph as g
 
-    worst = info["nbits_weight_max_abs_diff"]
+    worst = max(info["nbits_weight_max_abs_diff"], info.get("vocab_weight_max_abs_diff", 0.0))
     if worst > 1e-6:
         raise StageError(f"MatMulNBits weights differ from the checkpoint's dequantized weights by {worst:.3g}: "
                          f"this is a kd2edge bug in the GPTQ -> MatMulNBits conversion")
     g.drop_dead_nodes(proto)
     g.drop_unused_initializers(proto)
     fp16_saved = g.store_fp16(proto)
-    return {**info, "embeddings": f"int4-rtn-block{EMBEDDING_BLOCK}" if vocab_q else "float16" if fp16_saved
-            else "float32", "fp16_saved_bytes": sum(fp16_saved.values())}
-
-
+    stored = "float16" if fp16_saved else "float32"
+    return {**info, **{k: stored for k in ("embeddings", "lm_head") if info.get(k, "float") == "float"},
+            "fp16_saved_bytes": sum(fp16_saved.values())}

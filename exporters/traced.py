@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.vocab import vocab_packed
 from kd2edge.errors import StageError
 
 TASK = "text-generation-with-past"
@@ -50,14 +49,14 @@ def export_with_past(model, tokenizer, out_dir: Path) -> Path:
     return out_dir / "model.onnx"
 
 
-def rewrite_graph(proto, model, layers: dict, vocab_q: dict, accuracy_level: int) -> dict:
+def rewrite_graph(proto, model, layers: dict, vocab: dict, accuracy_level: int) -> dict:
     """Swap the traced fp32 weights for 4-bit ones and store what stays float compactly.
 
     Args:
         proto: the traced decoder (edited in place).
         model: the PyTorch model it was traced from (for module names and tying).
         layers: GPTQ tensors per module name (`read_gptq_tensors`).
-        vocab_q: `quantize_embeddings_rtn` output ({} to keep the vocabulary matrices float).
+        vocab: the 4-bit vocabulary matrices, `exporters.vocab.vocab_matrices` ({} keeps them float).
         accuracy_level: MatMulNBits accuracy_level.
 
     Returns:
@@ -91,12 +90,13 @@ def rewrite_graph(proto, model, layers: dict, vocab_q: dict, accuracy_level: int
     head = model.get_output_embeddings()
     head_name = names[id(head)] if head is not None else None
     tied = head is not None and head.weight is model.get_input_embeddings().weight
-    if vocab_q:
-        _quantize_vocab(proto, vocab_q, embed_name, head_name if tied else None, matmuls, accuracy_level)
-        for name, q in vocab_q.items():
-            if name != embed_name and name in matmuls:        # untied lm_head
-                _quantize_head(proto, name, q, matmuls[name], accuracy_level)
-    elif tied and head_name in matmuls:
+    if embed_name in vocab:
+        _quantize_vocab(proto, vocab[embed_name], embed_name, head_name if tied else None, matmuls, accuracy_level)
+    if head_name in vocab and head_name in matmuls:                # untied 4-bit lm_head
+        node = matmuls[head_name]
+        g.replace_node(proto, node, g.matmulnbits_nodes(head_name, node.input[0], node.output[0], vocab[head_name],
+                                                        accuracy_level, proto))
+    elif tied and embed_name not in vocab and head_name in matmuls:
         _share_tied_head(proto, embed_name, matmuls[head_name])
     return {"quantized_layers": len(layers), "act_order_layers": act_order, "accuracy_level": accuracy_level,
             "nbits_weight_max_abs_diff": worst, "tied_embeddings": tied}
@@ -112,12 +112,11 @@ def _embedding_gather(proto, embed_name: str):
                      f"export without --quantize-embeddings")
 
 
-def _quantize_vocab(proto, vocab_q: dict, embed_name: str, tied_head: str | None, matmuls: dict,
+def _quantize_vocab(proto, packed: dict, embed_name: str, tied_head: str | None, matmuls: dict,
                     accuracy_level: int) -> None:
     """Input embedding -> GatherBlockQuantized over the 4-bit matrix; a tied lm_head -> MatMulNBits on the same bytes."""
     from exporters import onnx_graph as g
 
-    packed = vocab_packed(vocab_q[embed_name])
     gather = _embedding_gather(proto, embed_name)
     weights = g.add_nbits_initializers(proto, embed_name, packed)
     g.replace_node(proto, gather, g.gather_block_quantized_nodes(proto, embed_name, weights, packed,
@@ -126,13 +125,6 @@ def _quantize_vocab(proto, vocab_q: dict, embed_name: str, tied_head: str | None
         node = matmuls[tied_head]
         g.replace_node(proto, node, [g.matmulnbits_node(f"/{tied_head}/MatMulNBits", node.input[0], node.output[0],
                                                         packed, weights, accuracy_level)])
-
-
-def _quantize_head(proto, head_name: str, q: dict, node, accuracy_level: int) -> None:
-    from exporters import onnx_graph as g
-
-    g.replace_node(proto, node, g.matmulnbits_nodes(head_name, node.input[0], node.output[0], vocab_packed(q),
-                                                    accuracy_level, proto))
 
 
 def _share_tied_head(proto, embed_name: str, head_node) -> None:

@@ -14,8 +14,12 @@ occupies bits [k*bits, (k+1)*bits) of the concatenated words. For 2, 4 and 8 bit
 this is "32/bits values per word, lowest first"; for 3 bits, 32 values fill exactly
 3 words and values 10 and 21 span two words, which is the GPTQ reference layout.
 
-Every other tensor (embeddings, norms, lm_head) is stored unquantized. config.json
-carries `quantization_config`; quantize_config.json repeats it for older readers.
+Every other tensor (embeddings, norms) is stored unquantized; lm_head too, unless it was
+quantized (`quantization_config.lm_head` true, as GPTQModel writes it). A tied lm_head is
+the input embedding: the embedding is then also stored in float16, rounded from the
+dequantized head, for readers that do not dequantize lm_head, and `load_dequantized_model`
+rebuilds it exactly from the head's codes. config.json carries `quantization_config`;
+quantize_config.json repeats it for older readers.
 """
 
 from __future__ import annotations
@@ -151,11 +155,11 @@ def dequantize_tensors(qt: QuantTensors) -> torch.Tensor:
 
 
 def quantization_config(bits: int, group_size: int, desc_act: bool, sym: bool, damp: float = 0.01,
-                        static_groups: bool = False) -> dict:
+                        static_groups: bool = False, lm_head: bool = False) -> dict:
     """The `quantization_config` block of config.json (also quantize_config.json)."""
     return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
             "damp_percent": damp, "static_groups": static_groups, "true_sequential": False,
-            "checkpoint_format": "gptq", "model_file_base_name": "model", "lm_head": False}
+            "checkpoint_format": "gptq", "model_file_base_name": "model", "lm_head": lm_head}
 
 
 def write_gptq_checkpoint(model, tokenizer, results: dict[str, QuantizedWeight], out_dir: str | Path, bits: int,
@@ -209,10 +213,17 @@ def write_gptq_checkpoint(model, tokenizer, results: dict[str, QuantizedWeight],
             value = getattr(qt, suffix)
             if value is not None:
                 tensors[f"{name}.{suffix}"] = value
+    embedding = model.get_input_embeddings()
+    embed_key = next(f"{n}.weight" for n, m in model.named_modules() if m is embedding)
+    # a tied head whose key the storage de-duplication kept: the embedding's float copy stays for other readers
+    tensors.setdefault(embed_key, embedding.weight.detach().to("cpu", float_dtype))
     weights = out_dir / WEIGHTS_FILE
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
 
-    qcfg = quantization_config(bits, group_size, desc_act, sym, damp, static_groups)
+    head = model.get_output_embeddings()
+    head_names = [n for n, m in model.named_modules() if head is not None and m is head]
+    qcfg = quantization_config(bits, group_size, desc_act, sym, damp, static_groups,
+                               lm_head=bool(head_names) and head_names[0] in results)
     config = model.config.to_dict()
     config.update(quantization_config=qcfg, torch_dtype=dtype, dtype=dtype)
     # save_pretrained fills this in; readers (onnxruntime-genai's builder) dispatch on it.
@@ -356,6 +367,7 @@ def load_dequantized_model(path: str | Path, device: str = "cpu") -> tuple[Any, 
         state[f"{name}.weight"] = dequantize_tensors(qt)
         if qt.bias is not None:
             state[f"{name}.bias"] = qt.bias.float()
+    _exact_tied_embedding(model, state, quantized)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied]
@@ -367,3 +379,18 @@ def load_dequantized_model(path: str | Path, device: str = "cpu") -> tuple[Any, 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
+
+
+def _exact_tied_embedding(model, state: dict, quantized: dict) -> None:
+    """With a tied 4-bit lm_head, make the embedding the head's dequantized weight (edits `state`).
+
+    The checkpoint's float16 copy of the embedding is that weight rounded to float16, and
+    `tie_weights` would otherwise make the head read the rounded copy.
+    """
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    names = {id(m): n for n, m in model.named_modules()}
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    head_name = names.get(id(head)) if head is not None else None
+    if head_name in quantized:
+        state[f"{names[id(embedding)]}.weight"] = state[f"{head_name}.weight"]

@@ -34,6 +34,7 @@ def build_report(config: RunConfig, artifacts: dict[str, Artifact], results: dic
         "artifact": {"path": str(export.path), "size_bytes": export.metrics.get("size_bytes"),
                      "format": export.manifest.get("format", "onnx")},
         "latency": profile.get("latency"), "baseline_teacher": profile.get("baseline_teacher"),
+        "llama_cpp": profile.get("llama_cpp"),
         "profile_warnings": artifacts["profile"].manifest.get("warnings", []),
         "quality": metrics["evaluate"].get("quality"), "package": metrics["package"],
         "budgets": budgets,

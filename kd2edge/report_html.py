@@ -175,7 +175,23 @@ def _section_latency(report: dict, manifest: dict) -> str:
             f"Load {fmt(latency.get('load_s'), 2, ' s')}, peak RSS {fmt(latency.get('peak_rss_mb'), 0, ' MiB')}, "
             f"per-token latency p50/p90/p99 {fmt(tl.get('p50'), 2)}/{fmt(tl.get('p90'), 2)}/{fmt(tl.get('p99'), 2)} ms "
             f"at {_e(latency.get('ttft_prompt_tokens', '?'))} prompt tokens</p>" + warnings
-            + _table(["Prompt tokens", "TTFT p50 (ms)", "p90", "min", "max", "Decode tok/s (median)"], rows))
+            + _table(["Prompt tokens", "TTFT p50 (ms)", "p90", "min", "max", "Decode tok/s (median)"], rows)
+            + _llama_cpp_table(report.get("llama_cpp") or (manifest.get("metrics") or {}).get("llama_cpp") or {}))
+
+
+def _llama_cpp_table(ref: dict) -> str:
+    """llama.cpp's llama-bench figures at the same prompt lengths, and kd2edge's ratios to them."""
+    if not ref:
+        return ""
+    if ref.get("status") != "done":
+        return f'<p class="missing">llama.cpp reference: {_e(ref.get("status"))} ({_e(ref.get("reason", ""))})</p>'
+    rows = [[_e(n), fmt(v.get("ttft_ms"), 1), fmt(v.get("decode_tok_s"), 1),
+             fmt((ref.get("ratios") or {}).get(n, {}).get("ttft"), 2),
+             fmt((ref.get("ratios") or {}).get(n, {}).get("decode"), 2)] for n, v in ref["by_prompt"].items()]
+    return (f"<p>llama.cpp reference: {_e(Path(ref['gguf']).name)} ({mib(ref.get('gguf_bytes'))}), "
+            f"llama-bench, {_e(ref.get('threads'))} threads; {_e(ref.get('note', ''))}</p>"
+            + _table(["Prompt tokens", "llama.cpp TTFT (ms)", "llama.cpp decode tok/s", "kd2edge TTFT x",
+                      "kd2edge decode x"], rows))
 
 
 def embedded_plots(report: dict) -> list[tuple[str, str, str]]:

@@ -118,7 +118,7 @@ def sharp_tiny_model_dir(folder: str | Path, arch: str = "llama", seed: int = 0)
 
 
 def tiny_gptq_checkpoint(folder: str | Path, arch: str = "llama", group_size: int = 32, act_order: bool = True,
-                         seed: int = 0, shared_inputs: bool = False) -> Path:
+                         seed: int = 0, shared_inputs: bool = False, quantize_head: bool = False) -> Path:
     """A 4-bit GPTQ checkpoint of `sharp_tiny_model(arch, seed)`, written by kd2edge.quantize.
 
     Each Linear of the decoder layers is quantized with GPTQ against a Hessian of
@@ -127,7 +127,8 @@ def tiny_gptq_checkpoint(folder: str | Path, arch: str = "llama", group_size: in
     By default every Linear gets its own Hessian (q, k and v end up with different
     act-order permutations); `shared_inputs` gives Linears that read the same
     activations (q/k/v, gate/up) one Hessian, as real GPTQ calibration does, so
-    their permutations coincide.
+    their permutations coincide. `quantize_head` also quantizes lm_head (tied for llama:
+    the embedding too), with static groups as the quantize stage does.
     """
     import torch
 
@@ -139,7 +140,7 @@ def tiny_gptq_checkpoint(folder: str | Path, arch: str = "llama", group_size: in
     head = model.get_output_embeddings()
     results, hessians = {}, {}
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is head:
+        if not isinstance(module, torch.nn.Linear) or (module is head and not quantize_head):
             continue
         k = module.in_features
         # q/k/v (and gate/up) sit in one parent module and read the same input
@@ -149,7 +150,8 @@ def tiny_gptq_checkpoint(folder: str | Path, arch: str = "llama", group_size: in
                  * torch.linspace(0.2, 2.0, k)[torch.randperm(k, generator=generator)][:, None])
             hessians[key] = 2 * x @ x.T / 256
         results[name] = gptq_quantize_weight(module.weight.detach(), hessians[key], bits=4,
-                                             group_size=group_size, act_order=act_order)
+                                             group_size=group_size, act_order=act_order,
+                                             static_groups=module is head)
     write_gptq_checkpoint(model, tokenizer, results, folder, bits=4, group_size=group_size, desc_act=act_order,
                           sym=False)
     return Path(folder)

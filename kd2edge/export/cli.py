@@ -16,7 +16,9 @@ from kd2edge.cli_common import emit, info, json_option, profile_option
 @click.option("--exporter", type=click.Choice(["onnx", "onnx-genai"]), default=None,
               help="Backend. [default: the profile's runtime.exporter]")
 @click.option("--quantize-embeddings", is_flag=True, default=None,
-              help="Hold the embedding (and lm_head) in 4 bits too: smaller, slightly less exact.")
+              help="Round what the checkpoint left float of the embedding and lm_head to 4 bits (RTN, blocks of "
+                   "32): smaller, slightly less exact. A checkpoint with a 4-bit head (the quantize default) is "
+                   "exported with its own codes either way.")
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default=None,
               help="MatMulNBits activations: 0 float (exact), 4 int8 (faster, not exact: check the "
                    "manifest's parity top1_agreement). "

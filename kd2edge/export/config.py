@@ -11,7 +11,9 @@ from kd2edge.schema import rule
 @dataclass(frozen=True)
 class ExportConfig:
     exporter: Literal["onnx", "onnx-genai"] | None = None  # None: the profile's runtime.exporter
-    quantize_embeddings: bool = False  # 4-bit GatherBlockQuantized embeddings
+    # RTN 4-bit for what the checkpoint left float of the vocabulary matrices (GatherBlockQuantized embedding,
+    # MatMulNBits lm_head); a checkpoint's own 4-bit head (quantize.head) is exported exactly either way
+    quantize_embeddings: bool = False
     # MatMulNBits accuracy_level: 0 float32 activations (exact to the dequantized weights),
     # 4 int8 activations (about 1.4-1.8x faster decode on CPU, not exact: on SmolLM2-135M logits
     # move by up to 2.6 and 89% of positions keep their greedy token); None: 0 for onnx,

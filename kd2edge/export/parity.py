@@ -92,15 +92,18 @@ def check_parity(artifact_dir: Path, reference, prompts: Sequence[Sequence[int]]
         with torch.no_grad():
             out = reference(torch.tensor([list(ids)]), use_cache=True)
         report.add_logits("prefill/logits", onnx_logits, out.logits[0].float().numpy())
-        _compare_cache(report, "prefill", lm, cache, out.past_key_values)
+        _compare_cache(report, "prefill", cache, out.past_key_values)
+        # what generation runs: the prefill with the last position's logits only
+        report.add_logits("prefill_last/logits", lm.forward(list(ids), lm.new_cache(), logits_to_keep=1),
+                          out.logits[0, -1:].float().numpy())
         past, token = out.past_key_values, int(out.logits[0, -1].argmax())
         for step in range(1, decode_steps + 1):
-            onnx_logits = lm.forward([token], cache)
+            onnx_logits = lm.forward([token], cache, logits_to_keep=1)
             with torch.no_grad():
                 out = reference(torch.tensor([[token]]), past_key_values=past, use_cache=True)
             report.add_logits(f"decode_{step}/logits", onnx_logits, out.logits[0].float().numpy())
             past, token = out.past_key_values, int(out.logits[0, -1].argmax())
-        _compare_cache(report, f"decode_{decode_steps}", lm, cache, past)
+        _compare_cache(report, f"decode_{decode_steps}", cache, past)
     bad = {k: v for k, v in report.diffs.items() if k.endswith("/logits") and v > atol}
     if bad:
         listed = ", ".join(f"{k} {v:.3g}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1]))
@@ -109,14 +112,13 @@ def check_parity(artifact_dir: Path, reference, prompts: Sequence[Sequence[int]]
     return report
 
 
-def _compare_cache(report: ParityReport, stage: str, lm, cache, past) -> None:
+def _compare_cache(report: ParityReport, stage: str, cache, past) -> None:
     """present.{i}.key/value of ONNX vs the PyTorch cache, each [1, kv_heads, length, head_dim]."""
-    for name, value in zip(lm._past_names, cache.values):
+    for name, value in cache.arrays().items():
         layer, kind = int(name.split(".")[1]), name.split(".")[2]
         torch_value = _cache_tensor(past, layer, kind)
         if torch_value is not None:
-            report.add(f"{stage}/{name.replace('past_key_values.', 'present.')}", value.numpy(),
-                       torch_value.float().numpy())
+            report.add(f"{stage}/{name.replace('past_key_values.', 'present.')}", value, torch_value.float().numpy())
 
 
 def _cache_tensor(past, layer: int, kind: str):

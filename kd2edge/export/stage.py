@@ -27,9 +27,11 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     meta = EXPORTERS[section.exporter](input_artifact.path, out_dir, quantize_embeddings=section.quantize_embeddings,
                                        accuracy_level=section.accuracy_level)
     exported = time.perf_counter()
+    # A 4-bit lm_head from the checkpoint is already dequantized in the reference (tied: its embedding too)
     reference, _ = load_dequantized_model(input_artifact.path)
-    if meta.get("embeddings", "").startswith("int4-rtn"):
-        quantize_embeddings_rtn(reference)   # the same extra rounding the graph holds
+    if meta.get("rtn_modules"):
+        # the same extra rounding the graph holds, of the same matrices
+        quantize_embeddings_rtn(reference, modules=tuple(meta["rtn_modules"]))
     # int8 activations (accuracy_level 4) are not exact: they get their own tolerance
     atol = section.parity_atol_int8 if meta.get("accuracy_level") == 4 else section.parity_atol
     report = check_parity(out_dir, reference, decode_steps=section.parity_decode_steps, atol=atol,

@@ -19,8 +19,12 @@ from kd2edge.cli_common import config_option, emit, info, json_option, profile_o
 @click.option("--allow-fallback", is_flag=True,
               help="Run on CPU when the profile's execution provider is missing here (said so in the output).")
 @click.option("--no-baseline", is_flag=True, help="Skip timing the teacher in PyTorch.")
+@click.option("--llama-bench", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A llama.cpp llama-bench binary: time --gguf at the same prompt lengths as a reference.")
+@click.option("--gguf", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The GGUF (e.g. Q4_0) of the same student that --llama-bench runs.")
 @json_option
-def profile(artifact, profile, config_file, out, no_gate, allow_fallback, no_baseline, as_json):
+def profile(artifact, profile, config_file, out, no_gate, allow_fallback, no_baseline, llama_bench, gguf, as_json):
     """Measure load time, size, peak memory, time to first token and decode speed of ARTIFACT.
 
     Run it on the machine the profile describes: it uses the profile's execution
@@ -34,7 +38,8 @@ def profile(artifact, profile, config_file, out, no_gate, allow_fallback, no_bas
     config = load_config(config_file, profile=profile, overrides={
         "profiling.allow_fallback": True if allow_fallback else None,
         "profiling.gate": False if no_gate else None,
-        "profiling.baseline_teacher": False if no_baseline else None})
+        "profiling.baseline_teacher": False if no_baseline else None,
+        "profiling.llama_bench": llama_bench, "profiling.llama_gguf": gguf})
     out_dir = Path(out) if out else Path(artifact).resolve().parent / "profile"
     info(f"profiling {artifact} for {config.profile.name} into {out_dir}")
     result = profile_to_folder(config, Path(artifact), out_dir)
@@ -68,6 +73,14 @@ def _summary(r: dict) -> str:
                      f"peak RSS {fmt(base['peak_rss_mb'], 0)} MiB")
     elif base:
         lines.append(f"teacher baseline: {base['status']} ({base.get('reason', '')})")
+    ref = r.get("llama_cpp") or {}
+    if ref.get("status") == "done":
+        lines.append(f"llama.cpp ({Path(ref['gguf']).name}, {ref['threads']} threads): " + "; ".join(
+            f"{n}: TTFT {fmt(v['ttft_ms'], 1)} ms, decode {fmt(v['decode_tok_s'], 1)} tokens/s "
+            f"(kd2edge x{fmt(ref['ratios'][n]['decode'], 2)} decode, x{fmt(ref['ratios'][n]['ttft'], 2)} TTFT)"
+            for n, v in ref["by_prompt"].items()))
+    elif ref:
+        lines.append(f"llama.cpp reference: {ref['status']} ({ref.get('reason', '')})")
     rows = [[k, v["limit"], v["value"], {True: "pass", False: "FAIL", None: "-"}[v["pass"]]]
             for k, v in r["budgets"].items()]
     lines += [table(rows, ["budget", "limit", "value", "verdict"]), f"written to {r['path']}"]

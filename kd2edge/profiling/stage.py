@@ -6,6 +6,7 @@ The stage only records verdicts (the pipeline gates once the report is written);
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +51,15 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
                                      min(BASELINE_TOKENS, request.new_tokens), request.threads, Path(tmp))
                     if config.profiling.baseline_teacher else {"status": "skipped", "reason": "baseline_teacher = false"})
         timings["baseline_s"] = round(time.perf_counter() - started, 3)
+    llama_cpp = None
+    if config.profiling.llama_bench:
+        from kd2edge.profiling.llamacpp import check_inputs, llama_reference
+
+        started = time.perf_counter()
+        binary, gguf = check_inputs(config.profiling.llama_bench, config.profiling.llama_gguf)
+        llama_cpp = llama_reference(binary, gguf, sorted(request.prompt_lengths), request.new_tokens,
+                                    request.threads or (os.cpu_count() or 1), request.repeats, result["latency"])
+        timings["llama_cpp_s"] = round(time.perf_counter() - started, 3)
     warnings = host_mismatches(result["host"], profile.hardware.arch, profile.runtime.execution_providers,
                                profile.runtime.threads) + list(result["notes"])
     peak_mb, peak_as = peak_memory_mb(result)
@@ -66,10 +76,11 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     write_json_atomic(out_dir / PROFILE_JSON, {
         "profile": profile.name, "artifact": str(input_artifact.path), "latency": latency, "budgets": verdicts,
         "baseline_teacher": baseline, "warnings": warnings, "checks": checks, "request": result["request"],
-        "by_length": result["by_length"], "runs": result["runs"], "notes": result["notes"]})
+        "by_length": result["by_length"], "runs": result["runs"], "notes": result["notes"],
+        **({"llama_cpp": llama_cpp} if llama_cpp else {})})
     return write_artifact(out_dir, "profile", config.stage_config("profile"), input_artifact,
                           metrics={"latency": latency, "budgets": verdicts, "baseline_teacher": baseline,
-                                   "checks": checks},
+                                   "checks": checks, **({"llama_cpp": llama_cpp} if llama_cpp else {})},
                           warnings=warnings, files=[PROFILE_JSON, *files], timings=timings)
 
 

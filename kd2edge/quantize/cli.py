@@ -19,11 +19,13 @@ from kd2edge.cli_common import config_option, emit, info, json_option, profile_o
 @click.option("--group-size", type=int, default=None, help="Columns per scale, or -1 per channel. [default: the profile's]")
 @click.option("--act-order/--no-act-order", default=None, help="Quantize columns by decreasing activation size. [default: the profile's]")
 @click.option("--sym/--no-sym", default=None, help="Symmetric grid. [default: the profile's]")
+@click.option("--head", type=click.Choice(["gptq", "rtn", "float"]), default=None,
+              help="The output head (tied: the embedding too) in 4 bits by GPTQ or RTN, or float. [default: gptq]")
 @click.option("--calib-samples", type=int, default=None, help="Calibration prompts from the data's train split. [default: 128]")
 @click.option("--data", default=None, help="Calibration data: 'embedded', a hub id or a SQuAD JSON / JSONL file.")
 @click.option("--force", is_flag=True, help="Quantize again even if --out is up to date.")
 @json_option
-def quantize(model, profile, config_file, out, method, bits, group_size, act_order, sym, calib_samples, data,
+def quantize(model, profile, config_file, out, method, bits, group_size, act_order, sym, head, calib_samples, data,
              force, as_json):
     """Quantize MODEL (a distill artifact, a model folder, a .gguf, a hub id or 'embedded') to a GPTQ checkpoint."""
     from kd2edge.config import load_config
@@ -31,7 +33,8 @@ def quantize(model, profile, config_file, out, method, bits, group_size, act_ord
     from kd2edge.pipeline import run_stage
 
     overrides = {"quantize.method": method, "quantize.bits": bits, "quantize.group_size": group_size,
-                 "quantize.act_order": act_order, "quantize.sym": sym, "quantize.calib_samples": calib_samples,
+                 "quantize.act_order": act_order, "quantize.sym": sym, "quantize.head": head,
+                 "quantize.calib_samples": calib_samples,
                  "data": data}
     config = load_config(config_file, profile=profile, overrides=overrides)
     source = resolve_model(model)
@@ -43,7 +46,7 @@ def quantize(model, profile, config_file, out, method, bits, group_size, act_ord
         warn(message)
     m = result.artifact.metrics
     summary = {"status": result.status, "path": str(result.artifact.path), **{k: m[k] for k in (
-        "method", "bits", "group_size", "act_order", "sym", "calibration", "reconstruction", "held_out",
+        "method", "bits", "group_size", "act_order", "sym", "head", "calibration", "reconstruction", "held_out",
         "size_bytes", "input_size_bytes", "readback_max_abs_diff")},
                "warnings": result.artifact.manifest.get("warnings", [])}
     emit(summary, as_json, _summary)
@@ -58,6 +61,15 @@ def _summary(s: dict) -> str:
              f"  calibration: {c['samples']} samples, {c['tokens']} tokens" + (f" ({c['note']})" if c.get("note") else ""),
              f"  reconstruction ||WX-QX||/||WX|| mean: RTN {r.get('rtn_rel_err_mean')}"
              + (f", GPTQ {r['gptq_rel_err_mean']}" if "gptq_rel_err_mean" in r else ""),
+             _head_line(s["head"], r.get("head")),
              f"  held-out perplexity: fp32 {h['ppl_fp32']} -> quantized {h['ppl_quantized']}",
              f"  size: {format_bytes(s['size_bytes'])} (input {format_bytes(s['input_size_bytes'])})"]
     return "\n".join(lines)
+
+
+def _head_line(head: str, row: dict | None) -> str:
+    """The output head's setting and, when quantized, its reconstruction errors."""
+    if not row:
+        return f"  output head: {head}"
+    errors = f"RTN {row['rtn_rel_err']}" + (f", GPTQ {row['gptq_rel_err']}" if "gptq_rel_err" in row else "")
+    return f"  output head: {head} (||WX-QX||/||WX|| {errors}; rows ||W-Q||/||W|| {row['row_rel_err']})"

@@ -208,8 +208,118 @@ def quantize_model(model, calib_ids: list[torch.Tensor], bits: int = 4, group_si
     return results, report
 
 
+def head_packable(model, bits: int, group_size: int) -> str | None:
+    """Why the output head cannot be held in a GPTQ checkpoint at these settings (None when it can).
+
+    The checkpoint packs zero points along the output (vocabulary) axis in 32-bit words and
+    groups along the hidden axis: a trimmed vocabulary of, say, 24,001 tokens does not pack.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return "the model has no Linear output head"
+    if (head.out_features * bits) % 32:
+        return f"a vocabulary of {head.out_features} tokens does not pack at {bits} bits (needs a multiple of {32 // math.gcd(32, bits)})"
+    if group_size != -1 and head.in_features % group_size:
+        return f"group size {group_size} does not divide the head's {head.in_features} inputs"
+    return None
+
+
+@torch.no_grad()
+def head_inputs_hessian(model, calib_ids: list[torch.Tensor], device: str = "cpu") -> tuple[torch.Tensor, int]:
+    """H = 2XX^T/N of the output head's inputs (the final-norm hidden states) over the calibration samples.
+
+    The forward stops at the head (a pre-hook raises): the [tokens, vocab] logits are never computed.
+
+    Returns:
+        (H (hidden, hidden) float32, tokens counted).
+    """
+    head = model.get_output_embeddings()
+    state: dict = {"H": None, "n": 0}
+
+    def hook(module, args):
+        state["H"], state["n"] = accumulate_hessian(state["H"], args[0], state["n"])
+        raise _StopForward
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        for ids in calib_ids:
+            try:
+                model(ids.reshape(1, -1).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return state["H"], state["n"]
+
+
+@torch.no_grad()
+def quantize_head(model, calib_ids: list[torch.Tensor], method: str = "gptq", bits: int = 4, group_size: int = 64,
+                  act_order: bool = True, sym: bool = False, damp: float = 0.01, block_size: int = 128,
+                  device: str = "cpu") -> tuple[str, GPTQResult, dict]:
+    """Quantize the output head (tied: the input embedding too) in place, calibrated on the model's own inputs to it.
+
+    Run after the decoder layers are quantized, so the head sees the quantized model's hidden
+    states, as it will at run time. GPTQ minimises the logits' error ||W X - Q X|| on those
+    inputs; a tied embedding reads rows of the same Q, which GPTQ does not optimise for (the
+    report's `row_rel_err` measures what the embedding loses, `rtn_row_rel_err` the RTN baseline).
+    Act-order uses static groups: g_idx stays trivial, so a tied embedding can gather the
+    4-bit rows in stored order.
+
+    Args:
+        model: a transformers causal LM with a Linear output head (its decoder layers quantized).
+        calib_ids: calibration samples (1-D LongTensors).
+        method: "gptq" or "rtn" (same grid and groups).
+        bits, group_size, act_order, sym, damp, block_size: as for `quantize_model`.
+        device: "cpu" or "cuda".
+
+    Returns:
+        (module name, GPTQResult, report row {layer: "head", name, in, out, rtn_rel_err,
+         gptq_rel_err (GPTQ), row_rel_err, rtn_row_rel_err, damp_used, damp_raised, seconds, tied}).
+
+    Raises:
+        ConfigError: `head_packable` says why the head cannot be quantized (a caller checks first).
+    """
+    from kd2edge.errors import ConfigError
+
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"unknown method {method!r}")
+    reason = head_packable(model, bits, group_size)
+    if reason is not None:
+        raise ConfigError(f"cannot quantize the output head: {reason}; keep it float (quantize.head = \"float\")",
+                          source="quantize")
+    model.to(device).eval()
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    tied = head.weight is model.get_input_embeddings().weight
+    t0 = time.perf_counter()
+    H, _ = head_inputs_hessian(model, calib_ids, device)
+    W = head.weight.data
+    rtn = rtn_quantize_weight(W, bits, group_size, sym, H=H)
+    if method == "gptq":
+        result = gptq_quantize_weight(W, H, bits, group_size, act_order, sym, damp, block_size, static_groups=True)
+    else:
+        result = rtn
+    row = {"layer": "head", "name": name, "in": head.in_features, "out": head.out_features,
+           "rtn_rel_err": round(relative_output_error(W, rtn.dequant, H), 6)}
+    if method == "gptq":
+        row["gptq_rel_err"] = round(relative_output_error(W, result.dequant, H), 6)
+    row.update(row_rel_err=round(row_error(W, result.dequant), 6), rtn_row_rel_err=round(row_error(W, rtn.dequant), 6),
+               damp_used=result.damp_used, damp_raised=method == "gptq" and result.damp_used != damp,
+               seconds=round(time.perf_counter() - t0, 4), tied=tied)
+    W.copy_(result.dequant.to(W.dtype))          # tied: the embedding is the same tensor
+    return name, result, row
+
+
+def row_error(W: torch.Tensor, Q: torch.Tensor) -> float:
+    """||W - Q||_F / ||W||_F: what an embedding lookup of every row loses (no input weighting)."""
+    W = W.float()
+    return float(torch.linalg.norm(W - Q.float()) / torch.linalg.norm(W))
+
+
 def summarize(report: list[dict]) -> dict:
     """Mean/max relative output errors and damping over a `quantize_model` report."""
+    head = [r for r in report if r["layer"] == "head"]
+    report = [r for r in report if r["layer"] != "head"]
     out: dict[str, Any] = {"linears": len(report)}
     for key in ("gptq_rel_err", "rtn_rel_err"):
         values = [r[key] for r in report if key in r]
@@ -217,5 +327,7 @@ def summarize(report: list[dict]) -> dict:
             out[f"{key}_mean"] = round(sum(values) / len(values), 6)
             out[f"{key}_max"] = round(max(values), 6)
     out["damp_max"] = max((r["damp_used"] for r in report), default=0.0)
-    out["damp_raised"] = [f"{r['layer']}.{r['name']}" for r in report if r["damp_raised"]]
+    out["damp_raised"] = [f"{r['layer']}.{r['name']}" for r in report + head if r["damp_raised"]]
+    if head:
+        out["head"] = {k: v for k, v in head[0].items() if k not in ("layer", "seconds")}
     return out

@@ -96,7 +96,7 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     from kd2edge.artifacts import Stopwatch, write_json_atomic
     from kd2edge.gptq_checkpoint import write_gptq_checkpoint
     from kd2edge.models import load_causal_lm, model_folder
-    from kd2edge.quantize.orchestrate import fitting_group_size, quantize_model
+    from kd2edge.quantize.orchestrate import fitting_group_size, head_packable, quantize_head, quantize_model
 
     q, out_dir, clock = config.quantize, Path(out_dir), Stopwatch()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,6 +114,16 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
         results, report = quantize_model(model, calib, bits=q.bits, group_size=group_size, act_order=q.act_order,
                                          sym=q.sym, damp=q.damp, block_size=q.block_size, method=q.method,
                                          device=device, static_groups=static)
+        head = q.head
+        if head != "float" and head_packable(model, q.bits, group_size) is not None:
+            warnings.append(f"the output head stays float: {head_packable(model, q.bits, group_size)}")
+            head = "float"
+        if head != "float":
+            name, result, row = quantize_head(model, calib, method=head, bits=q.bits, group_size=group_size,
+                                              act_order=q.act_order, sym=q.sym, damp=q.damp,
+                                              block_size=q.block_size, device=device)
+            results[name] = result
+            report.append(row)
     with clock("write_check_s"):
         write_gptq_checkpoint(model, tokenizer, results, out_dir, bits=q.bits, group_size=group_size,
                               desc_act=bool(q.act_order and not static), sym=q.sym, damp=q.damp, static_groups=static)
@@ -126,6 +136,7 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     write_error_plot(report, out_dir / "quant_errors.png")
     metrics = quantize_metrics(q, group_size, static, device, calib, source, report, readback, held, nll_fp, nll_q,
                                src, out_dir)
+    metrics["head"] = head
     model_id = input_artifact.manifest.get("id", str(src))
     return write_artifact(out_dir, "quantize", config.stage_config("quantize"), input_artifact, metrics,
                           id=f"{model_id} ({q.method.upper()} {q.bits}-bit)", kind="model", format="gptq",

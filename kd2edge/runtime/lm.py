@@ -36,6 +36,13 @@ from kd2edge.errors import ArtifactError, ConfigError, DataError
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# The exporter's contract with this runtime (exporters/fused.py writes both):
+# a graph whose metadata has SHARED_KV_METADATA = "1" lets past and present KV share one buffer
+# (GroupQueryAttention appends in place), and an input LOGITS_TO_KEEP (int64 [1]) limits the
+# logits to the last positions (0: all).
+SHARED_KV_METADATA = "kd2edge.past_present_share_buffer"
+LOGITS_TO_KEEP = "logits_to_keep"
+KV_CHUNK = 256            # a growing shared KV buffer gets room for this many more tokens at a time
 
 
 @dataclass
@@ -64,11 +71,33 @@ class Generation:
 class KVCache:
     """Past keys/values of one sequence, kept as onnxruntime values between steps.
 
-    Each entry has shape [1, kv_heads, length, head_dim].
+    Two layouts, chosen by the graph (`OnnxLM.shares_kv_buffer`):
+      - shared: one preallocated buffer per past input, [1, kv_heads, capacity, head_dim],
+        bound as both past input and present output; GroupQueryAttention writes each step's
+        keys/values in place at rows [length, length + new), so no token copies the cache.
+        `buffers` are the numpy arrays the OrtValues live in; `binding` is reused every step.
+      - growing (traced graphs): each step returns new present tensors [1, kv_heads, length,
+        head_dim] that replace `values`.
     """
 
-    values: list = field(default_factory=list)   # OrtValue per past input, in `OnnxLM._past_names` order
+    values: list = field(default_factory=list)   # OrtValue per past input, in `names` order
     length: int = 0
+    names: list[str] = field(default_factory=list)
+    capacity: int | None = None                   # rows of each shared buffer; None: growing
+    buffers: list = field(default_factory=list)   # shared: the numpy arrays behind `values`
+    binding: object = None                        # shared: the IOBinding holding past/present
+    bound: dict = field(default_factory=dict)     # shared: input/output name -> the object `binding` points at
+    # Per sequence, so that two sequences can run at once: the decode step's input id [1, 1] and the
+    # one-position logits [1, 1, vocab] (with the OrtValue over them), written in place every step.
+    token: np.ndarray = field(default_factory=lambda: np.zeros((1, 1), dtype=np.int64))
+    logits: np.ndarray | None = None
+    logits_value: object = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What the cache holds: past input name -> float array [1, kv_heads, length, head_dim] (a copy)."""
+        if self.capacity is not None:
+            return {n: np.array(b[:, :, :self.length]) for n, b in zip(self.names, self.buffers)}
+        return {n: np.array(v.numpy()) for n, v in zip(self.names, self.values)}
 
 
 class OnnxLM:
@@ -92,16 +121,27 @@ class OnnxLM:
         self._output_names = ["logits"] + self._present_names
         self._has_mask = "attention_mask" in inputs
         self._has_positions = "position_ids" in inputs
-        missing = [n for n in self._output_names if n not in {o.name for o in session.get_outputs()}]
+        self._has_keep = LOGITS_TO_KEEP in inputs
+        outputs = {o.name: o for o in session.get_outputs()}
+        missing = [n for n in self._output_names if n not in outputs]
         if "input_ids" not in inputs or not self._past_names or missing:
             raise ArtifactError(f"{path / MODEL_FILE} is not a decoder with a KV cache (needs input_ids, "
                                 f"past_key_values.*, logits, present.*): re-export it with `kd2edge export`")
         self._kv_shape, self._kv_dtype = _kv_layout(inputs[self._past_names[0]], path)
+        metadata = session.get_modelmeta().custom_metadata_map
+        # Shared buffers need GQA's in-place append and a mask that states the length (the fused graph)
+        self.shares_kv_buffer = metadata.get(SHARED_KV_METADATA) == "1" and self._has_mask
+        vocab = outputs["logits"].shape[-1]
+        self._vocab = vocab if isinstance(vocab, int) else None
+        # Read-only arrays every step may bind (io_binding points at their memory): the mask's ones
+        # (a view of the first `total`), the usual logits_to_keep values.
+        self._ones = np.ones((1, 0), dtype=np.int64)
+        self._keep = {k: np.array([k], dtype=np.int64) for k in (0, 1)}
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
-             allow_fallback: bool = False) -> "OnnxLM":
+             allow_fallback: bool = False, session_config: dict[str, str] | None = None) -> "OnnxLM":
         """Open an exported artifact folder.
 
         Args:
@@ -110,6 +150,8 @@ class OnnxLM:
             providers: onnxruntime execution providers in order of preference (default CPU).
             threads: intra-op threads (default: onnxruntime's choice, one per core).
             allow_fallback: run on CPU (noted in `.notes`) when a requested provider is missing.
+            session_config: onnxruntime session config entries, e.g.
+                {"session.intra_op.allow_spinning": "0"} (benchmarks/bench_decode_overhead.py measures it).
 
         Returns:
             The loaded model.
@@ -140,6 +182,8 @@ class OnnxLM:
         options.inter_op_num_threads = 1
         if threads:
             options.intra_op_num_threads = int(threads)
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, str(value))
         try:
             session = ort.InferenceSession(str(path / MODEL_FILE), options, providers=chosen)
         except _ort_load_errors() as e:
@@ -208,44 +252,125 @@ class OnnxLM:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ---------------------------------------------------------------- model side
-    def new_cache(self) -> KVCache:
-        """An empty KV cache (length 0) for one sequence."""
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty KV cache (length 0) for one sequence.
+
+        Args:
+            capacity: tokens to preallocate room for when the graph shares past/present buffers
+                (prompt + new tokens; default KV_CHUNK). The buffers grow, with one copy, if a
+                longer sequence comes; ignored for a growing cache.
+        """
         import onnxruntime as ort
 
-        kv_heads, head_dim = self._kv_shape
-        empty = np.zeros((1, kv_heads, 0, head_dim), dtype=self._kv_dtype)
-        return KVCache([ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names], 0)
+        if not self.shares_kv_buffer:
+            kv_heads, head_dim = self._kv_shape
+            empty = np.zeros((1, kv_heads, 0, head_dim), dtype=self._kv_dtype)
+            return KVCache([ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names], 0,
+                           names=list(self._past_names))
+        cache = KVCache(names=list(self._past_names), capacity=0)
+        self._grow(cache, min(capacity or KV_CHUNK, self.context_length))
+        return cache
 
-    def forward(self, input_ids: Sequence[int], cache: KVCache) -> np.ndarray:
+    def forward(self, input_ids: Sequence[int], cache: KVCache, logits_to_keep: int = 0) -> np.ndarray:
         """Run the decoder on `input_ids` after what `cache` holds, and extend the cache.
 
         Args:
             input_ids: the new tokens (the whole prompt for prefill, one token per decode step).
             cache: the sequence's KV cache; updated in place.
+            logits_to_keep: logits for the last this many positions only (0: every position).
+                Graphs without the input compute them all and the runtime cuts.
 
         Returns:
-            Logits, float32 [len(input_ids), vocab].
+            Logits, float32 [len(input_ids), vocab] (or [min(logits_to_keep, len), vocab]), a new array.
         """
+        logits = self._step(input_ids, cache, logits_to_keep)
+        return np.array(logits, dtype=np.float32)
+
+    def _step(self, input_ids: Sequence[int], cache: KVCache, keep: int) -> np.ndarray:
+        """`forward` without the copy: the one-position logits come back as a view of a buffer the next step overwrites."""
         n = len(input_ids)
         total = cache.length + n
-        binding = self.session.io_binding()
-        # Keep the numpy inputs alive until the run: io_binding only points at their memory.
-        feeds = {"input_ids": np.asarray([input_ids], dtype=np.int64)}
+        if cache.capacity is not None and total > cache.capacity:
+            self._grow(cache, min(max(total, cache.capacity + KV_CHUNK), self.context_length))
+        shared = cache.capacity is not None
+        binding = cache.binding if shared else self.session.io_binding()
+        bound = cache.bound if shared else {}
+
+        def bind(name: str, value, output: bool = False) -> None:
+            # A reused binding already points at this object's memory (the decode step's token array,
+            # logits_to_keep, the logits buffer): written in place, it needs no new binding. numpy inputs
+            # must stay alive until the run; io_binding only points at their memory.
+            if bound.get(name) is value:
+                return
+            if output:
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+            bound[name] = value
+
+        if n == 1:
+            cache.token[0, 0] = input_ids[0]
+            bind("input_ids", cache.token)
+        else:
+            bind("input_ids", np.asarray([input_ids], dtype=np.int64))
         if self._has_mask:
-            feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
+            if self._ones.shape[1] < total:
+                self._ones = np.ones((1, max(total, 2 * self._ones.shape[1])), dtype=np.int64)
+            bind("attention_mask", self._ones[:, :total])             # a new view (width = total) every step
         if self._has_positions:
-            feeds["position_ids"] = np.arange(cache.length, total, dtype=np.int64)[None, :]
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        for name, value in zip(self._past_names, cache.values):
-            binding.bind_ortvalue_input(name, value)
-        for name in self._output_names:
-            binding.bind_output(name, "cpu")
+            bind("position_ids", np.arange(cache.length, total, dtype=np.int64)[None, :])
+        kept = n if keep <= 0 else min(keep, n)
+        if self._has_keep:
+            bind(LOGITS_TO_KEEP, self._keep.get(keep) if keep in self._keep else np.array([keep], dtype=np.int64))
+        one_row = kept == 1 and (self._has_keep or n == 1) and self._vocab is not None
+        if one_row:
+            bind("logits", self._logits_value(cache), output=True)
+        else:
+            binding.bind_output("logits", "cpu")
+            bound.pop("logits", None)
+        if cache.capacity is None:
+            for name, value in zip(self._past_names, cache.values):
+                binding.bind_ortvalue_input(name, value)
+            for name in self._present_names:
+                binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        cache.values = list(outputs[1:])
         cache.length = total
-        return np.asarray(outputs[0].numpy()[0], dtype=np.float32)
+        outputs = None
+        if cache.capacity is None:
+            outputs = binding.get_outputs()             # logits first, then the new present tensors
+            cache.values = list(outputs[1:])
+        if one_row:
+            return cache.logits[0]
+        logits = (outputs or binding.get_outputs())[0].numpy()[0]
+        return logits[-kept:] if logits.shape[0] > kept else logits
+
+    def _logits_value(self, cache: KVCache):
+        """The OrtValue over `cache.logits` [1, 1, vocab], made on the sequence's first one-position step."""
+        import onnxruntime as ort
+
+        if cache.logits_value is None:
+            cache.logits = np.zeros((1, 1, self._vocab), dtype=np.float32)
+            cache.logits_value = ort.OrtValue.ortvalue_from_numpy(cache.logits)
+        return cache.logits_value
+
+    def _grow(self, cache: KVCache, capacity: int) -> None:
+        """Give a shared cache buffers of `capacity` rows (copying what it holds) and bind them as past and present."""
+        import onnxruntime as ort
+
+        kv_heads, head_dim = self._kv_shape
+        buffers = []
+        for old in cache.buffers or [None] * len(self._past_names):
+            new = np.zeros((1, kv_heads, capacity, head_dim), dtype=self._kv_dtype)
+            if old is not None:
+                new[:, :, :cache.length] = old[:, :, :cache.length]
+            buffers.append(new)
+        cache.buffers, cache.capacity = buffers, capacity
+        cache.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
+        cache.binding, cache.bound = self.session.io_binding(), {}
+        cache.binding.bind_output("logits", "cpu")       # first: get_outputs() lists outputs in binding order
+        for past, present, value in zip(self._past_names, self._present_names, cache.values):
+            cache.binding.bind_ortvalue_input(past, value)
+            cache.binding.bind_ortvalue_output(present, value)
 
     def logprobs(self, input_ids: Sequence[int]) -> np.ndarray:
         """Log-softmax of every position's next-token logits, float32 [seq, vocab].
@@ -253,7 +378,7 @@ class OnnxLM:
         Row t scores the token at position t+1 (multiple-choice log-likelihood scoring).
         """
         self._check_length(len(input_ids), 0)
-        return log_softmax(self.forward(input_ids, self.new_cache()))
+        return log_softmax(self.forward(input_ids, self.new_cache(len(input_ids))))
 
     def generate(self, input_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stop_token_ids: Sequence[int] | None = None,
@@ -280,7 +405,7 @@ class OnnxLM:
         max_new_tokens = self._check_length(len(input_ids), max_new_tokens)
         stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         rng = np.random.default_rng(seed)
-        cache = self.new_cache()
+        cache = self.new_cache(len(input_ids) + max_new_tokens)
         tokens: list[int] = []
         latencies: list[float] = []
         streamed = ""
@@ -289,7 +414,7 @@ class OnnxLM:
         stop_reason = "length"
         for step in range(max_new_tokens):
             started = time.perf_counter()
-            logits = self.forward(step_ids, cache)[-1]
+            logits = self._step(step_ids, cache, 1)[-1]           # next-token logits only
             token = pick_token(logits, temperature, top_p, rng)
             elapsed = time.perf_counter() - started
             if step == 0:

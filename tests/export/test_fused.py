@@ -182,3 +182,170 @@ def test_unquantized_projections():
     assert unquantized_projections(2, layers) == []
     del layers["model.layers.1.mlp.up_proj"]
     assert unquantized_projections(2, layers) == ["model.layers.1.mlp.up_proj"]
+
+
+@pytest.fixture(scope="module")
+def head_checkpoints(tmp_path_factory):
+    """Checkpoints whose lm_head is 4-bit too: llama ties it to the embedding, qwen2 does not."""
+    from kd2edge.testing import tiny_gptq_checkpoint
+
+    root = tmp_path_factory.mktemp("gptq_head")
+    return {arch: tiny_gptq_checkpoint(root / arch, arch, shared_inputs=True, quantize_head=True)
+            for arch in ("llama", "qwen2")}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_4bit_head_from_the_checkpoint_is_exact(head_checkpoints, tmp_path, arch):
+    """The checkpoint's head codes in MatMulNBits (tied: GatherBlockQuantized on the same bytes), checked
+    against the dequantized model, whose head (tied: and embedding) is the dequantized head."""
+    from exporters.onnx_export import export
+    from kd2edge.export.parity import check_parity
+    from kd2edge.gptq_checkpoint import load_dequantized_model
+
+    meta = export(head_checkpoints[arch], tmp_path / "out")
+    assert meta["lm_head"] == "int4-g32 (checkpoint)" and meta["vocab_weight_max_abs_diff"] == 0.0
+    assert meta["quantized_layers"] == 14 and meta["rtn_modules"] == []
+    ops = _ops(tmp_path / "out")
+    assert ops["MatMulNBits"] == 2 * 4 + 1 and "MatMul" not in ops
+    if arch == "llama":      # tied: one 4-bit matrix gathers the embedding and computes the logits
+        assert meta["embeddings"] == meta["lm_head"] and ops["GatherBlockQuantized"] == 1
+    else:
+        assert meta["embeddings"] == "float32" and "GatherBlockQuantized" not in ops
+    reference, _ = load_dequantized_model(head_checkpoints[arch])
+    report = check_parity(tmp_path / "out", reference, decode_steps=3, atol=1e-3)
+    assert report.max_abs_diff < 1e-4 and report.top1_agreement == 1.0
+
+
+def test_an_untied_embedding_beside_a_4bit_head_is_rounded_alone(head_checkpoints, tmp_path):
+    from exporters.onnx_export import export
+    from exporters.vocab import quantize_embeddings_rtn
+    from kd2edge.export.parity import check_parity
+    from kd2edge.gptq_checkpoint import load_dequantized_model
+
+    meta = export(head_checkpoints["qwen2"], tmp_path / "out", quantize_embeddings=True)
+    assert meta["rtn_modules"] == ["model.embed_tokens"] and meta["embeddings"] == "int4-rtn-block32"
+    assert meta["lm_head"] == "int4-g32 (checkpoint)"
+    reference, _ = load_dequantized_model(head_checkpoints["qwen2"])
+    quantize_embeddings_rtn(reference, modules=("model.embed_tokens",))
+    assert check_parity(tmp_path / "out", reference, decode_steps=2, atol=1e-3).max_abs_diff < 1e-4
+
+
+def test_logits_to_keep_computes_the_last_positions_only(shared_checkpoints, tmp_path):
+    from exporters.onnx_export import export
+    from kd2edge.runtime.lm import OnnxLM
+
+    export(shared_checkpoints["llama"], tmp_path / "out")
+    lm = OnnxLM.load(tmp_path / "out", threads=1)
+    ids = lm.encode(lm.format_prompt("Who founded the Velmora Institute?"))
+    every = lm.forward(ids, lm.new_cache())                             # [seq, vocab]
+    last = lm.forward(ids, lm.new_cache(), logits_to_keep=1)
+    three = lm.forward(ids, lm.new_cache(), logits_to_keep=3)
+    assert every.shape[0] == len(ids) and last.shape == (1, every.shape[1]) and three.shape[0] == 3
+    np.testing.assert_allclose(last, every[-1:], atol=1e-5)
+    np.testing.assert_allclose(three, every[-3:], atol=1e-5)
+    # logprobs still scores every position
+    assert lm.logprobs(ids).shape == every.shape
+
+
+def test_gather_block_quantized_reads_an_odd_number_of_blocks():
+    """K = 96 in blocks of 32: three blocks, so the packed zero points carry a padding nibble per row
+    (SmolLM2's hidden 576 in groups of 64 has nine)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from exporters import onnx_graph as g
+    from exporters.matmulnbits import dequantize_matmulnbits
+
+    packed = _packed(10, K=96, block=32, seed=3)
+    proto = helper.make_model(helper.make_graph([], "gather", [helper.make_tensor_value_info(
+        "ids", TensorProto.INT64, [None])], [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [None, 96])]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(g.MS_DOMAIN, 1)])
+    weights = g.add_nbits_initializers(proto, "emb", packed)
+    proto.graph.node.extend(g.gather_block_quantized_nodes(proto, "emb", weights, packed, "ids", "rows"))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([9, 0, 4, 4], dtype=np.int64)
+    rows = session.run(None, {"ids": ids})[0]
+    held = dequantize_matmulnbits(packed["B"], packed["scales"], packed["zero_points"], 96, 10, 32).T   # [V, K]
+    np.testing.assert_array_equal(rows, held[ids])
+
+
+@pytest.mark.parametrize("vocab", [392, 403])
+def test_any_vocabulary_size_exports(tmp_path, vocab):
+    """A trimmed vocabulary: 392 tokens packs a 4-bit head; 403 does not (the head stays float)."""
+    import torch
+
+    from exporters.onnx_export import export
+    from kd2edge.export.parity import check_parity
+    from kd2edge.gptq_checkpoint import load_dequantized_model, write_gptq_checkpoint
+    from kd2edge.quantize.gptq import rtn_quantize_weight
+    from kd2edge.quantize.orchestrate import head_packable
+    from kd2edge.testing import sharp_tiny_model
+
+    model, tokenizer = sharp_tiny_model("llama")
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    head = model.get_output_embeddings()
+    quantize = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                and (m is not head or head_packable(model, 4, 32) is None)}
+    results = {n: rtn_quantize_weight(m.weight.detach(), 4, 32) for n, m in quantize.items()}
+    write_gptq_checkpoint(model, tokenizer, results, tmp_path / "ckpt", bits=4, group_size=32, desc_act=False,
+                          sym=False)
+    meta = export(tmp_path / "ckpt", tmp_path / "out")
+    assert meta["lm_head"] == ("int4-g32 (checkpoint)" if vocab % 8 == 0 else "float32")
+    reference, _ = load_dequantized_model(tmp_path / "ckpt")
+    assert reference.config.vocab_size == vocab
+    prompts = [[5, 17, 250, 3, 99, 120, 7, 42, 391], [1, 2, 3]]          # ids inside the smaller vocabulary
+    report = check_parity(tmp_path / "out", reference, prompts=prompts, decode_steps=2, atol=1e-3)
+    assert report.max_abs_diff < 1e-4
+
+
+def test_shared_kv_buffers_are_written_in_place(shared_checkpoints, tmp_path):
+    """Past and present share one preallocated buffer per layer: decode steps allocate and copy no cache."""
+    from exporters.onnx_export import export
+    from kd2edge.runtime.lm import OnnxLM
+
+    export(shared_checkpoints["llama"], tmp_path / "out")
+    lm = OnnxLM.load(tmp_path / "out", threads=1)
+    assert lm.shares_kv_buffer
+    ids = lm.encode(lm.format_prompt("Who founded the Velmora Institute?"))
+    reference = lm.new_cache()
+    lm.forward(ids + [17, 250, 3], reference)                           # the whole sequence in one prefill
+
+    cache = lm.new_cache(capacity=8)
+    assert cache.capacity == 8 and cache.buffers[0].shape[2] == 8
+    lm.forward(ids, cache)                                              # longer than 8: the buffers grow once
+    assert cache.capacity >= len(ids) + 3 and cache.length == len(ids)
+    buffers, values = [b.ctypes.data for b in cache.buffers], list(cache.values)
+    for token in (17, 250, 3):
+        lm.forward([token], cache, logits_to_keep=1)
+    assert [b.ctypes.data for b in cache.buffers] == buffers and cache.values == values      # same memory
+    held, expected = cache.arrays(), reference.arrays()
+    assert held.keys() == expected.keys()
+    for name in held:
+        assert held[name].shape == expected[name].shape == (1, 2, len(ids) + 3, 16)
+        np.testing.assert_allclose(held[name], expected[name], atol=1e-5)
+    # generation preallocates prompt + new tokens: the same tokens every time
+    assert lm.generate(ids, 12).tokens == lm.generate(ids, 12).tokens
+
+
+def test_two_sequences_interleaved_keep_their_own_buffers(shared_checkpoints, tmp_path):
+    """Per-sequence token and logits buffers: sequences stepped in turn give what each gives alone."""
+    from exporters.onnx_export import export
+    from kd2edge.runtime.lm import OnnxLM
+
+    export(shared_checkpoints["llama"], tmp_path / "out")
+    lm = OnnxLM.load(tmp_path / "out", threads=1)
+    prompts = [lm.encode(lm.format_prompt("Who founded the Velmora Institute?")),
+               lm.encode(lm.format_prompt("¿Quién fundó Brimor?"))]
+    alone = [lm.generate(ids, 10, stop_token_ids=[]).tokens for ids in prompts]
+    caches = [lm.new_cache(64) for _ in prompts]
+    steps = [list(ids) for ids in prompts]
+    together: list[list[int]] = [[], []]
+    kept = []
+    for _ in range(10):
+        for i in (0, 1):
+            logits = lm.forward(steps[i], caches[i], logits_to_keep=1)       # a copy: kept intact below
+            kept.append(logits)
+            together[i].append(int(logits[-1].argmax()))
+            steps[i] = [together[i][-1]]
+    assert together == alone
+    assert int(kept[0][-1].argmax()) == alone[0][0]                          # not overwritten by later steps
