@@ -62,7 +62,8 @@ def test_a_single_local_file_for_training_and_evaluation_is_warned(tmp_path):
     from kd2edge.config import data_leak_warning
 
     path = str(tmp_path / "qa.json")
-    assert "held-out" in data_leak_warning(load_config(overrides={"data": path}))
-    split = load_config(overrides={"data": path + "@train[:80%]", "evaluate.data": path + "@validation[80%:]"})
+    assert "training and evaluation both read" in data_leak_warning(load_config(overrides={"data": path + "@all"}))
+    assert data_leak_warning(load_config(overrides={"data": path})) is None   # split by article
+    split = load_config(overrides={"data": path + "@all", "evaluate.data": path + "@validation"})
     assert data_leak_warning(split) is None
     assert data_leak_warning(load_config()) is None

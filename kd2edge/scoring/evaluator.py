@@ -316,6 +316,7 @@ def describe(evalset: EvalSet, data_spec: str, mode: str, max_new_tokens: int, s
              limit: int | None) -> dict:
     """The settings of an evaluation that decide its figures (also the teacher-cache key)."""
     return {"dataset": data_spec, "dataset_name": evalset.dataset.name, "split": evalset.dataset.split,
+            "split_info": evalset.dataset.split_info,
             "task": evalset.task, "shots": evalset.shots, "example_split": evalset.example_split,
             "limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
             "mode": mode if evalset.task == "multiple_choice" else "generate",
