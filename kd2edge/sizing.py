@@ -34,14 +34,19 @@ class ParamBreakdown:
     layers: int
     kv_heads: int
     head_dim: int
+    vocab: int = 0        # embedding rows
+    hidden: int = 0       # embedding width
+    tied: bool = True     # the lm_head shares the embedding matrix
 
     @property
     def fixed(self) -> int:
         """Parameters outside the decoder layers (embeddings, final norm, untied head)."""
         return self.total - self.layers * self.per_layer
 
-    def params_with(self, layers: int) -> int:
-        return self.fixed + layers * self.per_layer
+    def params_with(self, layers: int, vocab: int | None = None) -> int:
+        """Parameters of the model cut to `layers` decoder layers and, if given, `vocab` token rows."""
+        dropped_rows = max(0, self.vocab - vocab) if vocab is not None else 0
+        return self.fixed - dropped_rows * self.hidden * (1 if self.tied else 2) + layers * self.per_layer
 
 
 def param_breakdown(model_config) -> ParamBreakdown:
@@ -82,8 +87,11 @@ def param_breakdown(model_config) -> ParamBreakdown:
     heads = model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
     return ParamBreakdown(total=total_one + (n - 1) * per_layer, per_layer=per_layer, per_layer_linear=linear,
-                          layers=n, kv_heads=kv_heads, head_dim=head_dim)
+                          layers=n, kv_heads=kv_heads, head_dim=head_dim, vocab=int(embedding.shape[0]),
+                          hidden=int(embedding.shape[1]), tied=head is None or head.weight is embedding)
 
 
 def quantized_size_bytes(linear_params: int, other_params: int, bits: int, group_size: int,

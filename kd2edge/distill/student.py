@@ -214,23 +214,26 @@ def load_external_student(spec: str, teacher_tokenizer, teacher_params: int, tea
 
 
 def build_student(teacher, tokenizer, teacher_id: str, calibration: list[list[int]], layers: int | None = None,
-                  spec: str | None = None):
-    """The student: the teacher pruned to `layers` decoder layers (`pruned_student`), or the model `spec` names.
+                  spec: str | None = None, keep_ids: list[int] | None = None):
+    """The student: the teacher pruned to `layers` decoder layers (`pruned_student`) and, with `keep_ids`,
+    its vocabulary trimmed (`kd2edge.distill.vocab.trim_model`); or the model `spec` names.
 
     Args:
         teacher: the teacher causal LM (left unchanged).
         tokenizer: the teacher's tokenizer (a `spec` student must share it).
         teacher_id: the teacher's name, for the student's id and messages.
-        calibration: token id sequences for block influence (pruning only).
+        calibration: token id sequences in the teacher's ids, for block influence (pruning only).
         layers: decoder layers to keep (pruning); ignored with `spec`.
         spec: a separate student model (`kd2edge.models.resolve_model` spec), or None to prune.
+        keep_ids: the teacher's token ids the student keeps (`vocab.choose_vocabulary`), or None for all.
 
     Returns:
-        (student, {id, layers_kept, importance, teacher_params, vocab}).
+        (student, its tokenizer, {id, layers_kept, importance, teacher_params, vocab}).
 
     Raises:
         ModelError: a `spec` student with another tokenizer or not smaller than the teacher.
     """
+    from kd2edge.distill.vocab import trim_model
     from kd2edge.models import count_params
 
     teacher_params = count_params(teacher)
@@ -241,4 +244,9 @@ def build_student(teacher, tokenizer, teacher_id: str, calibration: list[list[in
         student, kept, importance = pruned_student(teacher, calibration, tokenizer.pad_token_id, layers)
         built = {"id": f"{teacher_id} [layers {','.join(map(str, kept))}]", "layers_kept": kept,
                  "importance": importance}
-    return student, {**built, "teacher_params": teacher_params, "vocab": real_vocab_size(tokenizer, teacher, student)}
+    real_vocab_size(tokenizer, teacher, student)
+    student_tokenizer = tokenizer
+    if keep_ids is not None:
+        student, student_tokenizer = trim_model(student, tokenizer, keep_ids)
+        built["id"] += f" [vocabulary {len(keep_ids)} of {len(tokenizer)}]"
+    return student, student_tokenizer, {**built, "teacher_params": teacher_params, "vocab": len(student_tokenizer)}
