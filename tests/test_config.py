@@ -11,7 +11,7 @@ def test_defaults_resolve_from_the_profile():
     assert c.profile.name == "raspberry-pi-5"
     assert (c.quantize.bits, c.quantize.group_size, c.quantize.act_order) == (4, 128, True)
     assert c.export.exporter == c.profile.runtime.exporter
-    assert c.evaluate.data == c.data == "embedded"
+    assert c.evaluate.data == c.data == "xquad"
 
 
 def test_flags_override_and_none_means_not_given():

@@ -27,14 +27,12 @@ from kd2edge.errors import StageError
 def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     """Distill a student from the teacher artifact into `out_dir` (a transformers folder + manifest).
 
-    Raises:
-        ConfigError, ModelError, DataError, BudgetError: bad input, before any long work.
-        StageError: the saved student does not reproduce the trained one.
+    Raises ConfigError, ModelError, DataError or BudgetError on bad input, before any long work, and
+    StageError when the saved student does not reproduce the trained one.
     """
     import torch
 
     from kd2edge.distill import data
-    from kd2edge.distill.plan import plan_student
     from kd2edge.distill.student import build_student
     from kd2edge.distill.train import train_student
     from kd2edge.models import load_causal_lm, load_tokenizer
@@ -43,10 +41,7 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     d, ev, out_dir, work, clock = config.distill, config.evaluate, Path(out_dir), work_dir(out_dir), Stopwatch()
     teacher_path = Path(input_artifact.path)
     teacher_id, tokenizer = input_artifact.manifest.get("id", str(teacher_path)), load_tokenizer(teacher_path)
-    # With --student there is nothing to plan: a teacher no planned student fits (BudgetError) is fine.
-    plan = None if d.student else plan_student(teacher_path, config.profile, bits=config.quantize.bits,
-                                               group_size=config.quantize.group_size, vocab_size=d.vocab_size,
-                                               max_param_fraction=d.max_param_fraction, student_layers=d.student_layers)
+    plan = _plan(config, teacher_path)
     with clock("data_s"):   # data before models: an unusable dataset fails in seconds
         limit = data.train_item_limit(d.steps, d.grad_accum, d.batch_size, d.train_limit)
         items, prompts, split = data.training_items(config.data, limit, d.shots, config.seed)
@@ -84,10 +79,8 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
                            checkpoint_every=d.checkpoint_every, mixed_precision=d.mixed_precision,
                            kd_positions=d.kd_positions)
     clock.timings["train_s"] = round(result.seconds, 3)
-    grpo = None
-    if d.grpo_steps:
-        with clock("grpo_s"):
-            student, grpo = _grpo(student, student_tokenizer, items, evalset, d, ev, work, config.seed, out_dir)
+    with clock("grpo_s"):
+        student, grpo = _grpo(student, student_tokenizer, items, evalset, d, ev, work, config.seed, out_dir)
     with clock("eval_after_s"):
         after = _score(student, student_tokenizer, evalset, d, ev, "after")
     reload_diff = _save(student, student_tokenizer, out_dir, examples[0].input_ids, vocab)
@@ -95,6 +88,18 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
                        reload_diff, teacher_id, out_dir, split, vocab.info)
     return write_artifact(out_dir, "distill", config.stage_config("distill"), input_artifact, metrics,
                           id=built["id"], kind="model", timings=clock.total())
+
+
+def _plan(config, teacher_path: Path) -> dict | None:
+    """The planned student for the profile; None with --student (a teacher no planned student fits is fine then)."""
+    from kd2edge.distill.plan import plan_student
+
+    d = config.distill
+    if d.student:
+        return None
+    return plan_student(teacher_path, config.profile, bits=config.quantize.bits, group_size=config.quantize.group_size,
+                        vocab_size=d.vocab_size, max_param_fraction=d.max_param_fraction,
+                        student_layers=d.student_layers)
 
 
 def _score(model, tokenizer, evalset, d, ev, when: str) -> dict:
@@ -107,9 +112,12 @@ def _score(model, tokenizer, evalset, d, ev, when: str) -> dict:
 
 
 def _grpo(student, tokenizer, items, evalset, d, ev, work: Path, seed: int, out_dir: Path):
-    """GRPO after KD, with the KD student's scores and the reward plot kept beside the student."""
+    """GRPO after KD when asked (`grpo_steps`), with the KD student's scores and the reward plot kept
+    beside the student; (the student, the GRPO result or None)."""
     from kd2edge.reasoning.grpo import grpo_after_kd
 
+    if not d.grpo_steps:
+        return student, None
     after_kd = cached_json(work / "score_after_kd.json", lambda: _score(student, tokenizer, evalset, d, ev, "after KD"))
     student, grpo = grpo_after_kd(student, tokenizer, items, work, d.grpo_steps, seed)
     if grpo.get("plot"):
@@ -182,22 +190,7 @@ def _metrics(config, student, built: dict, plan: dict | None, result, before: di
 
 
 def estimate(config: RunConfig, input_artifact: Artifact):
-    """What distilling from `input_artifact` with the run's [distill] settings needs (`needs.distill_needs`).
+    """What distilling from `input_artifact` with the run's [distill] settings needs (`needs.estimate`)."""
+    from kd2edge.distill.needs import estimate as distill_estimate
 
-    The student is counted at the planned share of the teacher (`max_param_fraction`), or as large
-    as the teacher with --student (it must be smaller); it has at most the teacher's layers; every
-    training item is counted at max_length.
-    """
-    from kd2edge.distill.data import train_item_limit
-    from kd2edge.distill.needs import distill_needs
-    from kd2edge.models import read_model_config
-    from kd2edge.sizing import hidden_size, stored_weights
-
-    d = config.distill
-    teacher, _ = stored_weights(Path(input_artifact.path))
-    model_config = read_model_config(input_artifact.path)
-    student = teacher if d.student else int(teacher * d.max_param_fraction)
-    items = train_item_limit(d.steps, d.grad_accum, d.batch_size, d.train_limit) or 0
-    return distill_needs(teacher, student, d.max_length, d.batch_size, hidden_size(model_config),
-                         model_config.get("num_hidden_layers") or 0, model_config.get("vocab_size") or 0,
-                         items * d.max_length, d.topk_logits)
+    return distill_estimate(config.distill, Path(input_artifact.path))
