@@ -33,6 +33,10 @@ VARIANTS = {
     "medium-no-trim": ("no vocabulary trimming: 8 layers at the same parameter budget",
                        {**MEDIUM, "distill.vocab_size": None}),
     "medium-16k": ("16k-token vocabulary: 13 layers at the same budget", {**MEDIUM, "distill.vocab_size": 16384}),
+    "medium-w16": ("width and depth: 16 layers with MLPs of 1024 neurons (of 1536), the same budget",
+                   {**MEDIUM, "distill.intermediate_size": 1024}),
+    "medium-w19": ("width and depth: 19 layers with MLPs of 768 neurons, the same budget",
+                   {**MEDIUM, "distill.intermediate_size": 768}),
     "long": ("the long recipe", {"distill.steps": 360}),
 }
 
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
                if result.status == "skipped" else round(seconds / 60, 1),
                "train": {k: m["train"].get(k) for k in ("items", "steps", "tokens", "tokens_per_s")},
                "kd_loss_first": m["kd_loss_first"], "kd_loss_last": m["kd_loss_last"],
-               **summarize(teacher_records, score(str(result.artifact.path), sets, 24))}
+               **summarize(teacher_records, student_records := score(str(result.artifact.path), sets, 24))}
+        (args.out / name / "predictions.json").write_text(json.dumps(student_records))
         with open(args.out / "results.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)

@@ -18,6 +18,7 @@ class DistillConfig:
     student_layers: int | None = field(default=None, metadata=rule(min=1, help="decoder layers to keep"))
     max_param_fraction: float = field(default=0.43, metadata=rule(min=0.01, max=0.99, help="a planned student holds at most this share of the teacher's parameters"))
     vocab_size: int | None = field(default=24576, metadata=rule(min=256, help="tokens the student keeps (vocabulary trimming); None: the teacher's"))
+    intermediate_size: int | None = field(default=None, metadata=rule(min=1, help="MLP neurons a pruned student keeps per layer (width pruning); None: the teacher's"))
     loss: Literal["forward_kl", "reverse_kl", "jsd", "none"] = "forward_kl"  # "none": CE on the targets only
     temperature: float = field(default=1.0, metadata=rule(min=0.05, max=20))
     kd_ratio: float = field(default=0.5, metadata=rule(min=0, max=1, help="weight of the KD loss; 1-kd_ratio goes to CE on the gold answer"))

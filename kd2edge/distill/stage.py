@@ -59,7 +59,7 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     with clock("block_influence_s"):
         student, student_tokenizer, built = build_student(
             teacher, tokenizer, teacher_id, vocab.teacher_ids(examples), layers=plan["choice"]["layers"] if plan else None,
-            spec=d.student, keep_ids=vocab.old_ids)
+            spec=d.student, keep_ids=vocab.old_ids, intermediate_size=d.intermediate_size)
     with clock("teacher_targets_s"):
         examples, skipped, cache = data.teacher_targets(
             teacher, tokenizer, student_tokenizer, items, prompts, examples, skipped, work, sequence_kd=d.sequence_kd,
@@ -98,8 +98,8 @@ def _plan(config, teacher_path: Path) -> dict | None:
     if d.student:
         return None
     return plan_student(teacher_path, config.profile, bits=config.quantize.bits, group_size=config.quantize.group_size,
-                        vocab_size=d.vocab_size, max_param_fraction=d.max_param_fraction,
-                        student_layers=d.student_layers)
+                        vocab_size=d.vocab_size, intermediate_size=d.intermediate_size,
+                        max_param_fraction=d.max_param_fraction, student_layers=d.student_layers)
 
 
 def _score(model, tokenizer, evalset, d, ev, when: str) -> dict:

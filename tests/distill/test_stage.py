@@ -229,3 +229,11 @@ def test_collate_scores_every_predicting_position_or_only_the_answer():
     assert everything["scored"].tolist() == [[True, True, True, False], [True, False, False, False]]
     assert answer["scored"].tolist() == [[False, False, True, False], [True, False, False, False]]
     assert a.scored_positions("all") == 3 and a.scored_positions("answer") == 1
+
+
+def test_a_width_pruned_student_keeps_fewer_mlp_neurons_and_the_plan_counts_them(teachers, tmp_path):
+    m = _run(teachers["llama"], tmp_path / "distill", **{"distill.intermediate_size": 64}).artifact
+    config = json.loads((m.path / "config.json").read_text())
+    assert config["intermediate_size"] == 64 and "[MLP 64 of 128]" in m.metrics["student"]["id"]
+    assert m.metrics["plan"]["assumptions"]["intermediate_size"] == 64
+    assert m.metrics["student"]["params"] == m.metrics["plan"]["choice"]["params"]
