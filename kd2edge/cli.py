@@ -137,19 +137,40 @@ def _run_summary(report: dict) -> str:
         lines.append(f"  {stage:<9} {s['status']:<8} {s.get('path') or ''}")
         for message in s.get("warnings") or []:
             lines.append(f"    warning: {message}")
-    q = report.get("quality", {})
-    if "teacher" in q:
-        retention = q.get("retention_f1")
-        shown = "undefined (teacher F1 is 0)" if retention is None else f"{retention:.3f}"
-        lines.append(f"F1 teacher {q['teacher']['f1']:.3f}, student {q['student']['f1']:.3f}, "
-                     f"deployed {q['deployed']['f1']:.3f}; retention {shown}")
+    lines += quality_lines(report.get("quality") or {})
     rows = [[k, v.get("limit"), v.get("value"), {True: "pass", False: "FAIL", None: "-"}[v.get("pass")]]
             for k, v in report["budgets"].items()]
     lines.append(table(rows, ["budget", "limit", "value", "verdict"]))
+    lines += [f"  {k}: {v['note']}" for k, v in report["budgets"].items() if v.get("note")]
     open_budgets = [k for k, v in report["budgets"].items() if v.get("pass") is None]
     verdict = {True: "PASS", False: "FAIL", None: "UNDECIDED (not measured: " + ", ".join(open_budgets) + ")"}
     lines.append(f"overall: {verdict[report['pass']]}")
     return "\n".join(lines)
+
+
+def quality_lines(q: dict) -> list[str]:
+    """Teacher / student / deployed F1 and the deployed model's retention with its interval, overall and
+    per language."""
+    if "teacher" not in q:
+        return []
+
+    def retention(interval: dict) -> str:
+        if interval.get("value") is None:
+            return "undefined (teacher F1 is 0)"
+        span = (f" [{interval['low']:.2f}, {interval['high']:.2f}]" if interval.get("low") is not None else "")
+        return f"{interval['value']:.2f}{span}"
+
+    intervals = q.get("retention_f1_interval") or {}
+    overall = intervals.get("deployed") or {"value": q.get("retention_f1")}
+    lines = [f"{q.get('dataset')} {q.get('split')}, {q.get('n')} items, {q.get('shots')}-shot: F1 teacher "
+             f"{q['teacher']['f1']:.3f}, student {q['student']['f1']:.3f}, deployed {q['deployed']['f1']:.3f}; "
+             f"retention {retention(overall)}" + (" (95% paired bootstrap)" if overall.get("low") is not None else "")]
+    for lang, by in (intervals.get("by_language") or {}).items():
+        scores = {m: ((q.get(m) or {}).get("by_language") or {}).get(lang, {}) for m in ("teacher", "deployed")}
+        lines.append(f"  {lang}: {by['deployed']['n']} items, F1 teacher {scores['teacher'].get('f1', 0):.3f}, "
+                     f"deployed {scores['deployed'].get('f1', 0):.3f}, EM {scores['deployed'].get('em', 0):.3f}; "
+                     f"retention {retention(by['deployed'])}")
+    return lines
 
 
 @cli.group()

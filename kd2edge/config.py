@@ -36,7 +36,7 @@ STAGES = tuple(STAGE_SECTIONS)
 class RunConfig:
     profile: DeviceProfile
     teacher: str = "embedded"   # "embedded" (SmolLM2-135M-Instruct GGUF), a hub id, a folder or a .gguf
-    data: str = "embedded"      # "embedded[-en|-es]", a hub id, a local SQuAD JSON / JSONL file; "SPEC@split[slice]"
+    data: str = "xquad"         # "xquad[-en|-es]", "embedded[-en|-es]", a hub id, a local SQuAD JSON / JSONL file; "SPEC@split[slice]"
     seed: int = field(default=0, metadata=rule(min=0))
     distill: DistillConfig = DistillConfig()
     quantize: QuantizeConfig = QuantizeConfig()
@@ -111,16 +111,16 @@ def resolve(config: RunConfig) -> RunConfig:
 
 
 def data_leak_warning(config: RunConfig) -> str | None:
-    """A warning when training and evaluation would read the same local file's questions.
+    """A warning when training and evaluation would read the same questions.
 
-    A local file has no train/validation split of its own: without slices (FILE@train[:80%]
-    for training and FILE@validation[80%:] for evaluation) both stages see the same items.
+    Without a split in the spec, training reads its train part and evaluation its validation
+    part (a single file is split by article: `kd2edge.data.splits`). A spec that names its split
+    ("FILE@all") overrides both, so the same spec for both stages means the same items.
     """
     data, evaluate = config.data, config.evaluate.data
-    local = Path(data.split("@")[0]).suffix in (".json", ".jsonl")
-    if local and "@" not in data and evaluate == data:
-        return (f"training and evaluation both read every item of {data}: pass --data '{data}@train[:80%]' and "
-                f"evaluate.data '{data}@validation[80%:]' for a held-out score")
+    if "@" in data and evaluate == data:
+        return (f"training and evaluation both read {data}: drop the '@{data.rpartition('@')[2]}' so that training "
+                f"reads the train part and evaluation the validation part, or set evaluate.data to other data")
     return None
 
 

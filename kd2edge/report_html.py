@@ -140,12 +140,51 @@ def _section_comparison(report: dict, baseline: dict) -> str:
             + _table(["", "Teacher", "Student (fp32)", "Deployed"], comparison_rows(report, baseline)) + extra + note)
 
 
+def _section_retention(report: dict) -> str:
+    """Where the QA figures come from, and the deployed model's F1 retention per language with its interval."""
+    quality = report.get("quality") or {}
+    intervals = quality.get("retention_f1_interval") or {}
+    if not intervals:
+        return ""
+
+    def cell(interval: dict) -> str:
+        if interval.get("value") is None:
+            return "undefined"
+        span = (f' <span class="muted">[{pct(interval["low"])}, {pct(interval["high"])}]</span>'
+                if interval.get("low") is not None else "")
+        return pct(interval["value"]) + span
+
+    def scores(model: str, lang: str | None) -> dict:
+        block = quality.get(model) or {}
+        return block if lang is None else (block.get("by_language") or {}).get(lang, {})
+
+    rows = []
+    for lang, by in [(None, intervals)] + list((intervals.get("by_language") or {}).items()):
+        rows.append([_e(lang or "all"), fmt(by["deployed"]["n"]),
+                     *(fmt(scores(m, lang).get("f1"), 3) for m in ("teacher", "student", "deployed")),
+                     fmt(scores("deployed", lang).get("em"), 3), cell(by["student"]), cell(by["deployed"])])
+    split = quality.get("split_info") or {}
+    where = (f"{_e(quality.get('dataset'))}, {_e(quality.get('split'))} part"
+             + (f" ({_e(split['groups']['validation'])} of {_e(split['groups']['validation'] + split['groups']['train'])} "
+                f"{_e(split['by'])}s, never trained on)" if split.get("groups") else "")
+             + f", {_e(quality.get('shots'))}-shot")
+    level = (intervals.get("deployed") or {}).get("level", 0.95)
+    return ("<h2>QA retention</h2>"
+            f"<p>{where}. Retention is the model's F1 over the teacher's on the same items, with a paired "
+            f"bootstrap {pct(level)} interval.</p>"
+            + _table(["Language", "Items", "Teacher F1", "Student F1", "Deployed F1", "Deployed EM",
+                      "Student retention", "Deployed retention"], rows))
+
+
 def _section_budgets(report: dict) -> str:
     rows = []
     for name, b in (report.get("budgets") or {}).items():
         what = b.get("measured_as") or b.get("status") or ""
+        if b.get("interval") and b["interval"][0] is not None:
+            what = f"F1 retention, {pct(b.get('level', 0.95))} interval [{fmt(b['interval'][0], 2)}, {fmt(b['interval'][1], 2)}]"
+        note = f'<div class="warn">{_e(b["note"])}</div>' if b.get("note") else ""
         rows.append([_e(name), fmt(b.get("limit"), 2), fmt(b.get("value"), 2), verdict_html(b.get("pass")),
-                     f'<span class="muted">{_e(what)}</span>'])
+                     f'<span class="muted">{_e(what)}</span>{note}'])
     return "<h2>Budgets</h2>" + _table(["Budget", "Limit", "Measured", "Verdict", "Measured as"], rows)
 
 
@@ -228,7 +267,8 @@ def render_html(report: dict) -> str:
         f"<title>kd2edge report: {_e(report.get('profile', ''))}</title><style>{_CSS}</style></head><body>"
         f"<h1>kd2edge report</h1><p>Device profile <b>{_e(report.get('profile', '?'))}</b> &nbsp; "
         f'<span class="badge {badge[0]}">{_e(badge[1])}</span></p>'
-        + _section_comparison(report, baseline) + _section_budgets(report) + _section_stages(report)
+        + _section_comparison(report, baseline) + _section_retention(report) + _section_budgets(report)
+        + _section_stages(report)
         + _section_latency(report, manifest) + _section_plots(report)
         + f"<h2>Configuration</h2><details><summary>resolved run config</summary><pre>{_e(config)}</pre></details>"
         + "</body></html>\n"

@@ -34,14 +34,27 @@ class ParamBreakdown:
     layers: int
     kv_heads: int
     head_dim: int
+    vocab: int = 0        # embedding rows
+    hidden: int = 0       # embedding width
+    tied: bool = True     # the lm_head shares the embedding matrix
+    intermediate: int = 0     # MLP neurons per layer
+    per_neuron: int = 0       # parameters of one MLP neuron (a gated MLP: its gate and up rows, its down column)
 
     @property
     def fixed(self) -> int:
         """Parameters outside the decoder layers (embeddings, final norm, untied head)."""
         return self.total - self.layers * self.per_layer
 
-    def params_with(self, layers: int) -> int:
-        return self.fixed + layers * self.per_layer
+    def dropped_per_layer(self, intermediate: int | None) -> int:
+        """Parameters a layer loses when its MLP keeps `intermediate` neurons (all linear weights)."""
+        return max(0, self.intermediate - intermediate) * self.per_neuron if intermediate is not None else 0
+
+    def params_with(self, layers: int, vocab: int | None = None, intermediate: int | None = None) -> int:
+        """Parameters of the model cut to `layers` decoder layers and, if given, `vocab` token rows and
+        `intermediate` MLP neurons per layer."""
+        dropped_rows = max(0, self.vocab - vocab) if vocab is not None else 0
+        return (self.fixed - dropped_rows * self.hidden * (1 if self.tied else 2)
+                + layers * (self.per_layer - self.dropped_per_layer(intermediate)))
 
 
 def param_breakdown(model_config) -> ParamBreakdown:
@@ -82,8 +95,17 @@ def param_breakdown(model_config) -> ParamBreakdown:
     heads = model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    mlp = getattr(layer, "mlp", None)
+    gated = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
+    intermediate = getattr(model_config, "intermediate_size", 0) or 0
     return ParamBreakdown(total=total_one + (n - 1) * per_layer, per_layer=per_layer, per_layer_linear=linear,
-                          layers=n, kv_heads=kv_heads, head_dim=head_dim)
+                          layers=n, kv_heads=kv_heads, head_dim=head_dim, vocab=int(embedding.shape[0]),
+                          hidden=int(embedding.shape[1]), tied=head is None or head.weight is embedding,
+                          intermediate=intermediate if gated else 0,
+                          per_neuron=sum(p.numel() for p in mlp.parameters()) // intermediate
+                          if gated and intermediate else 0)
 
 
 def quantized_size_bytes(linear_params: int, other_params: int, bits: int, group_size: int,

@@ -11,7 +11,7 @@ def test_defaults_resolve_from_the_profile():
     assert c.profile.name == "raspberry-pi-5"
     assert (c.quantize.bits, c.quantize.group_size, c.quantize.act_order) == (4, 128, True)
     assert c.export.exporter == c.profile.runtime.exporter
-    assert c.evaluate.data == c.data == "embedded"
+    assert c.evaluate.data == c.data == "xquad"
 
 
 def test_flags_override_and_none_means_not_given():
@@ -62,7 +62,8 @@ def test_a_single_local_file_for_training_and_evaluation_is_warned(tmp_path):
     from kd2edge.config import data_leak_warning
 
     path = str(tmp_path / "qa.json")
-    assert "held-out" in data_leak_warning(load_config(overrides={"data": path}))
-    split = load_config(overrides={"data": path + "@train[:80%]", "evaluate.data": path + "@validation[80%:]"})
+    assert "training and evaluation both read" in data_leak_warning(load_config(overrides={"data": path + "@all"}))
+    assert data_leak_warning(load_config(overrides={"data": path})) is None   # split by article
+    split = load_config(overrides={"data": path + "@all", "evaluate.data": path + "@validation"})
     assert data_leak_warning(split) is None
     assert data_leak_warning(load_config()) is None

@@ -14,6 +14,10 @@ def test_param_breakdown_counts_tied_embeddings_once():
         b = param_breakdown(model.config)
         assert b.total == sum(p.numel() for p in model.parameters())
         assert b.params_with(1) == b.total - 2 * b.per_layer
+    llama = param_breakdown(tiny_model("llama", num_layers=3)[0].config)      # hidden 64, MLP 128, tied
+    assert (llama.intermediate, llama.per_neuron, llama.vocab, llama.hidden) == (128, 3 * 64, len(tiny_model()[1]), 64)
+    # 3 layers with MLPs of 96 neurons and 300 token rows: 3 x 32 x 192 and 100 x 64 fewer (tied: once)
+    assert llama.params_with(3, vocab=llama.vocab - 100, intermediate=96) == llama.total - 3 * 32 * 192 - 100 * 64
 
 
 def test_size_kv_and_roofline_by_hand():

@@ -46,6 +46,9 @@ class QADataset:
     items: tuple[QAItem, ...]
     task: Task
     warnings: tuple[str, ...] = ()
+    # How the part was cut from its source, for manifests (kd2edge.data.splits.split_items); {} for a
+    # dataset with splits of its own (the embedded set, hub datasets).
+    split_info: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __len__(self) -> int:
         return len(self.items)

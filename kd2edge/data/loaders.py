@@ -1,13 +1,18 @@
 """`load_qa`: one entry point from a dataset spec to a `QADataset`.
 
 Specs (any of them may end in "@split", e.g. "squad@train"; a split may take a slice as in
-`datasets`, "train[:80%]", "train[80%:]", "validation[:200]", which is how one local file, a
-single split, can give disjoint train and evaluation parts):
-- "embedded", "embedded-en", "embedded-es": the generated dataset (kd2edge.data.embedded).
-- a local file: SQuAD v1.1/v2.0 JSON; MLQA JSON (SQuAD layout, language taken from a name like
-  dev-context-es-question-es.json, or given as "mlqa:PATH:es"); JSONL (or a JSON list) of
-  CommonsenseQA records (official nested or flat Hugging Face layout), Dolly records
-  (instruction/context/response/category) or generic question/context/answers records.
+`datasets`, "train[:80%]", "validation[:200]"):
+- "xquad", "xquad-en", "xquad-es": the real XQuAD sample kd2edge ships (Wikipedia, English and
+  Spanish, CC BY-SA 4.0; kd2edge/data/files/xquad), split by article.
+- "embedded", "embedded-en", "embedded-es": the generated dataset (kd2edge.data.embedded), invented
+  entities, for tests and smoke runs.
+- a local file: SQuAD v1.1/v2.0 JSON; MLQA or XQuAD JSON (SQuAD layout, language taken from a name
+  like dev-context-es-question-es.json or xquad.es.json, or given as "mlqa:PATH:es"); JSONL (or a
+  JSON list) of CommonsenseQA records (official nested or flat Hugging Face layout), Dolly records
+  (instruction/context/response/category) or generic question/context/answers records. A file is
+  one body of questions: its "train" and "validation" parts are split by article, passage or item
+  (`kd2edge.data.splits`: no passage on both sides, the split recorded in `split_info`), and "all"
+  is the whole file, for a file that is a split of its own.
 - a hub id through `datasets.load_dataset`: squad, rajpurkar/squad, mlqa (English; "mlqa:es" for
   Spanish), facebook/mlqa, commonsense_qa, tau/commonsense_qa, databricks/databricks-dolly-15k,
   or another owner/name whose rows have one of the record layouts above.
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlparse
 
-from kd2edge.data import embedded
+from kd2edge.data import embedded, splits
 from kd2edge.data.items import QADataset, QAItem, Task
 from kd2edge.errors import DataError
 
@@ -46,8 +51,14 @@ HUB_DATASETS: dict[str, tuple[str, str | None]] = {
     "databricks/databricks-dolly-15k": ("databricks/databricks-dolly-15k", None),
 }
 MLQA_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")
-_EMBEDDED_SPLIT_ALIASES = {"dev": "validation", "val": "validation", "valid": "validation"}
+# Languages a file name may carry (MLQA's and XQuAD's): xquad.es.json, dev-context-es-question-es.json.
+FILE_LANGUAGES = MLQA_LANGUAGES + ("el", "ro", "ru", "th", "tr")
+SPLIT_ALIASES = {"dev": "validation", "val": "validation", "valid": "validation"}
+# A single file's parts (kd2edge.data.splits); "test" names a file that is a test set: all of it.
+FILE_SPLIT_ALIASES = {"test": "all"}
+XQUAD_FILES = Path(__file__).parent / "files" / "xquad"
 _MLQA_NAME = re.compile(r"context-([a-z]{2})-question-([a-z]{2})")
+_LANGUAGE_SUFFIX = re.compile(r"[._-]([a-z]{2})\.jsonl?$")
 _SPLIT_SUFFIX = re.compile(r"[\w.\-\[\]:%+]+")
 _SPLIT_SLICE = re.compile(r"([\w.\-]+)(\[(-?\d+%?)?:(-?\d+%?)?\])?")
 _HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
@@ -73,12 +84,12 @@ def load_qa(spec: str, split: str = "validation", limit: int | None = None, seed
     """
     spec, split = _split_from_spec(spec.strip(), split)
     name, window = parse_split(split)
-    dataset = _load(spec, name)
+    dataset = _load(spec, SPLIT_ALIASES.get(name, name))
     if window is not None:
         start, end = window
         n = len(dataset.items)
         dataset = QADataset(dataset.name, split, dataset.items[_bound(start, n):_bound(end, n)], dataset.task,
-                            dataset.warnings)
+                            dataset.warnings, dataset.split_info)
     if not dataset.items:
         raise DataError(f"{spec} ({split}) has no questions: give a non-empty file or another split")
     if limit is not None:
@@ -98,7 +109,7 @@ def subset(dataset: QADataset, limit: int, seed: int) -> QADataset:
         return dataset
     keep = sorted(random.Random(seed).sample(range(len(dataset.items)), limit))
     return QADataset(dataset.name, dataset.split, tuple(dataset.items[i] for i in keep), dataset.task,
-                     dataset.warnings)
+                     dataset.warnings, dataset.split_info)
 
 
 def parse_split(split: str) -> tuple[str, tuple[str | None, str | None] | None]:
@@ -165,11 +176,15 @@ def _load(spec: str, split: str) -> QADataset:
     low = spec.lower()
     if low in ("embedded", "embedded-en", "embedded-es"):
         return _load_embedded(spec, split, None if low == "embedded" else low.rsplit("-", 1)[1])
+    if low in ("xquad", "xquad-en", "xquad-es"):
+        languages = ("en", "es") if low == "xquad" else (low.rsplit("-", 1)[1],)
+        return _split_part(_combine([_load_file(XQUAD_FILES / f"xquad.{lang}.json", spec, split, lang)
+                                     for lang in languages], spec), split)
     if low.startswith("mlqa:"):
         return _load_mlqa_spec(spec, split)
     path = Path(spec).expanduser()
     if path.is_file():
-        return _load_file(path, spec, split, language=None)
+        return _split_part(_load_file(path, spec, split, language=None), split)
     if path.exists():
         raise DataError(f"{spec} is a folder: give a SQuAD JSON or a JSONL file inside it")
     if low in HUB_DATASETS or (_HUB_ID.fullmatch(spec) and path.suffix.lower() not in (".json", ".jsonl")):
@@ -179,12 +194,31 @@ def _load(spec: str, split: str) -> QADataset:
 
 
 def _load_embedded(spec: str, split: str, language: str | None) -> QADataset:
-    name = _EMBEDDED_SPLIT_ALIASES.get(split, split)
     try:
-        items = embedded.embedded_items(name, language)
+        items = embedded.embedded_items(split, language)
     except ValueError as e:
         raise DataError(f"{spec}@{split}: {e}") from None
-    return QADataset(spec, name, items, "extractive")
+    return QADataset(spec, split, items, "extractive")
+
+
+def _split_part(dataset: QADataset, split: str) -> QADataset:
+    """The `split` part ("train", "validation" or "all") of a dataset read from one body of questions.
+
+    Raises:
+        DataError: a split name a file does not have.
+    """
+    part = FILE_SPLIT_ALIASES.get(split, split)
+    if part not in splits.SPLIT_NAMES:
+        raise DataError(f"{dataset.name} is one file, split by article into train and validation: ask for "
+                        f"@train, @validation or @all (the whole file), not @{split}")
+    items, info = splits.split_items(dataset.items, part)
+    return QADataset(dataset.name, split, items, dataset.task, dataset.warnings, info)
+
+
+def _combine(parts: list[QADataset], spec: str) -> QADataset:
+    """Several files (one per language) as one dataset, items in file order."""
+    return QADataset(spec, parts[0].split, tuple(it for p in parts for it in p.items), parts[0].task,
+                     tuple(w for p in parts for w in p.warnings))
 
 
 def _load_mlqa_spec(spec: str, split: str) -> QADataset:
@@ -198,7 +232,7 @@ def _load_mlqa_spec(spec: str, split: str) -> QADataset:
     path = Path(path_part).expanduser()
     if not path.is_file():
         raise DataError(f"no such MLQA file: {path_part}: give an existing SQuAD-format MLQA JSON file")
-    return _load_file(path, spec, split, language=lang or None)
+    return _split_part(_load_file(path, spec, split, language=lang or None), split)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,8 +240,8 @@ def _load_mlqa_spec(spec: str, split: str) -> QADataset:
 
 def _load_file(path: Path, spec: str, split: str, language: str | None) -> QADataset:
     name = path.name
-    if language is None and (m := _MLQA_NAME.search(name)):
-        language = m.group(1)
+    if language is None and (m := _MLQA_NAME.search(name) or _LANGUAGE_SUFFIX.search(name)):
+        language = m.group(1) if m.group(1) in FILE_LANGUAGES else None
     text = _read_text(path)
     if path.suffix.lower() == ".jsonl":
         return _from_records(_parse_jsonl(text, name), name, spec, split)

@@ -9,6 +9,7 @@ constants so that results can record the exact text (`TEMPLATES`).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import string
@@ -33,6 +34,7 @@ TEMPLATES = {
 }
 _PREFERENCE_SCAN = 2000
 _ANSWER_PREFIX = re.compile(r"^(?:answer|response)\s*:\s*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def prompt_block(item: QAItem) -> str:
@@ -52,7 +54,8 @@ def build_prompt(item: QAItem, example: QAItem | None = None) -> str:
 
     Args:
         item: the question to ask.
-        example: a solved example shown first (one-shot), or None (zero-shot).
+        example: a solved example shown first (one-shot), or None (zero-shot). An extractive
+            example shows only the sentences of its passage that hold its answer (`example_passage`).
 
     Returns:
         The prompt text; the model's continuation is the answer.
@@ -63,7 +66,27 @@ def build_prompt(item: QAItem, example: QAItem | None = None) -> str:
     block = prompt_block(item)
     if example is None:
         return block
-    return prompt_block(example) + target_text(example) + SHOT_SEPARATOR + block
+    shown = dataclasses.replace(example, context=example_passage(example))
+    return prompt_block(shown) + target_text(example) + SHOT_SEPARATOR + block
+
+
+def example_passage(item: QAItem) -> str:
+    """The part of a worked example's passage that a one-shot prompt shows: the sentences holding its answer.
+
+    The example demonstrates the format (read a passage, answer with a span of it); the rest
+    of its passage, often longer than the question's own (Wikipedia paragraphs of 100-600 words),
+    would double every prompt's tokens for the teacher, the student and the device alike.
+    Items without a located answer (no offset, multiple choice, free text) keep their context.
+    """
+    if item.task != "extractive" or not item.answers or not item.answer_starts or item.answer_starts[0] < 0:
+        return item.context
+    start = item.answer_starts[0]
+    end = start + len(item.answers[0])
+    # Sentence ends: ". ", "? ", "! " (also before Spanish ¿/¡ and quotes); the answer's sentences are kept whole.
+    cuts = [m.end() for m in _SENTENCE_END.finditer(item.context)]
+    first = max((c for c in cuts if c <= start), default=0)
+    last = min((c for c in cuts if c >= end), default=len(item.context))
+    return item.context[first:last].strip()
 
 
 def target_text(item: QAItem) -> str:

@@ -16,21 +16,29 @@ class DistillConfig:
     # the evaluation and as the reference study found better, to F1 0.22 (KD 7.4 -> 1.5): shots = 1.
     student: str | None = None  # None: `plan` picks a layer-pruned student for the profile
     student_layers: int | None = field(default=None, metadata=rule(min=1, help="decoder layers to keep"))
-    max_param_fraction: float = field(default=0.6, metadata=rule(min=0.01, max=0.99, help="a planned student holds at most this share of the teacher's parameters"))
+    max_param_fraction: float = field(default=0.43, metadata=rule(min=0.01, max=0.99, help="a planned student holds at most this share of the teacher's parameters"))
+    vocab_size: int | None = field(default=24576, metadata=rule(min=256, help="tokens the student keeps (vocabulary trimming); None: the teacher's"))
+    intermediate_size: int | None = field(default=None, metadata=rule(min=1, help="MLP neurons a pruned student keeps per layer (width pruning); None: the teacher's"))
     loss: Literal["forward_kl", "reverse_kl", "jsd", "none"] = "forward_kl"  # "none": CE on the targets only
     temperature: float = field(default=1.0, metadata=rule(min=0.05, max=20))
     kd_ratio: float = field(default=0.5, metadata=rule(min=0, max=1, help="weight of the KD loss; 1-kd_ratio goes to CE on the gold answer"))
     jsd_beta: float = field(default=0.5, metadata=rule(min=0, max=1))
     sequence_kd: bool = False
     shots: int = field(default=1, metadata=rule(min=0, max=1, help="training prompts with one worked example (1) or none (0)"))
-    steps: int = field(default=60, metadata=rule(min=0, max=10_000_000))
+    steps: int = field(default=40, metadata=rule(min=0, max=10_000_000))
     batch_size: int = field(default=8, metadata=rule(min=1, max=4096))
     grad_accum: int = field(default=1, metadata=rule(min=1, max=4096))
     lr: float = field(default=6e-4, metadata=rule(min=1e-8, max=1))
     warmup_ratio: float = field(default=0.05, metadata=rule(min=0, max=1))
     max_grad_norm: float = field(default=1.0, metadata=rule(min=0))
-    max_length: int = field(default=384, metadata=rule(min=16, max=131_072))
+    max_length: int = field(default=512, metadata=rule(min=16, max=131_072))
+    # The divergence to the teacher at every position ("all": passage and question too, which heals what
+    # pruning took) or at the answer's only; the cross-entropy on the gold answer is the answer's either way.
+    kd_positions: Literal["all", "answer"] = "all"
     topk_logits: int = field(default=64, metadata=rule(min=0, help="cache the teacher's top-k logits per position; 0 = full vocabulary"))
+    # A folder for the teacher's cached logits shared across runs (named by teacher, data and vocabulary):
+    # the teacher runs once and many students train from its targets. None: the stage's own work dir.
+    teacher_cache: str | None = None
     checkpoint_every: int = field(default=20, metadata=rule(min=1))
     train_limit: int | None = field(default=None, metadata=rule(min=1))
     eval_limit: int | None = field(default=32, metadata=rule(min=1))

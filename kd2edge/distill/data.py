@@ -13,11 +13,12 @@ reused by every epoch and by a resumed run.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from kd2edge.distill.losses import IGNORE_INDEX, TopK
-from kd2edge.distill.train import TrainExample, collate, student_answer_logits
+from kd2edge.distill.train import TrainExample, collate, scored_logits
 from kd2edge.errors import DataError
 
 TEACHER_CACHE = "teacher_logits.pt"
@@ -36,8 +37,9 @@ def train_item_limit(steps: int, grad_accum: int, batch_size: int, train_limit: 
     return min(x for x in (train_limit, micro_batches * batch_size) if x is not None)
 
 
-def training_items(data: str, limit: int | None, shots: int, seed: int) -> tuple[list, list[str]]:
-    """The labelled items of the train split of `data` and their user prompts (`build_prompts`).
+def training_items(data: str, limit: int | None, shots: int, seed: int) -> tuple[list, list[str], dict]:
+    """The labelled items of the train split of `data`, their user prompts (`build_prompts`) and
+    how the split was made (`QADataset.split_info`, {} for a dataset with its own splits).
 
     Raises:
         DataError: the split cannot be read, or none of its items has a gold answer.
@@ -48,7 +50,7 @@ def training_items(data: str, limit: int | None, shots: int, seed: int) -> tuple
     items = [it for it in train_set.items if it.gold]
     if not items:
         raise DataError(f"{data} has no training item with a gold answer: choose a labelled dataset")
-    return items, build_prompts(items, train_set.items, shots, seed)
+    return items, build_prompts(items, train_set.items, shots, seed), train_set.split_info
 
 
 def build_prompts(items: Sequence, pool: Sequence, shots: int, seed: int) -> list[str]:
@@ -130,6 +132,50 @@ def build_examples(tokenizer, items: Sequence, prompts: Sequence[str], targets: 
     return examples, skipped
 
 
+@dataclass(frozen=True)
+class StudentVocabulary:
+    """The student's tokenizer: the teacher's, or trimmed to `old_ids` (`kd2edge.distill.vocab`)."""
+
+    tokenizer: object
+    old_ids: list[int] | None      # old_ids[student id] = teacher id; None: not trimmed
+    old_size: int
+    info: dict                     # for the manifest: sizes, tokens per word on the training text
+
+    def teacher_ids(self, examples: Sequence[TrainExample]) -> list[list[int]]:
+        """The examples' token sequences in the teacher's ids."""
+        if self.old_ids is None:
+            return [list(e.input_ids) for e in examples]
+        return [[self.old_ids[i] for i in e.input_ids] for e in examples]
+
+
+def student_vocabulary(tokenizer, items: Sequence, prompts: Sequence[str], size: int | None,
+                       held_out: Sequence[str] = ()) -> StudentVocabulary:
+    """The student's vocabulary: with `size` smaller than the teacher's, the tokens the training text
+    needs most (prompts and gold answers), filled up in merge order (`vocab.choose_vocabulary`).
+
+    Args:
+        held_out: text the choice never sees (the evaluation prompts), on which the cost of trimming
+            is reported: tokens per word with the teacher's and the student's tokenizer.
+
+    Raises:
+        ConfigError: `size` below what every trimmed vocabulary must keep, or a tokenizer that is
+            not a byte-level BPE.
+    """
+    from kd2edge.data.prompts import target_text
+    from kd2edge.distill import vocab
+
+    if size is None or size >= len(tokenizer):
+        return StudentVocabulary(tokenizer, None, len(tokenizer), {"size": len(tokenizer), "trimmed": False})
+    texts = [p + target_text(it) for it, p in zip(items, prompts)]
+    keep = vocab.choose_vocabulary(tokenizer, vocab.token_counts(tokenizer, texts), size)
+    trimmed, old_ids = vocab.trim_tokenizer(tokenizer, keep)
+    info = {"size": len(old_ids), "trimmed": True, "teacher_size": len(tokenizer), "file": "vocab_trim.json"}
+    if held_out:
+        info["held_out_tokens_per_word"] = {"teacher": round(vocab.tokens_per_word(tokenizer, held_out), 4),
+                                            "student": round(vocab.tokens_per_word(trimmed, held_out), 4)}
+    return StudentVocabulary(trimmed, old_ids, len(tokenizer), info)
+
+
 def answer_examples(tokenizer, items: Sequence, prompts: Sequence[str], max_length: int) -> tuple[list[TrainExample], int]:
     """`build_examples` with the gold answers as targets (the "answer" path)."""
     from kd2edge.data.prompts import target_text
@@ -137,14 +183,16 @@ def answer_examples(tokenizer, items: Sequence, prompts: Sequence[str], max_leng
     return build_examples(tokenizer, items, prompts, [target_text(it) for it in items], max_length)
 
 
-def rationale_examples(teacher, tokenizer, items: Sequence, prompts: Sequence[str], *, data_method: str,
-                       train_method: str, keep: str, max_length: int, cache: Path, batch_size: int, out: Path):
+def rationale_examples(teacher, tokenizer, student_tokenizer, items: Sequence, prompts: Sequence[str], *,
+                       data_method: str, train_method: str, keep: str, max_length: int, cache: Path, batch_size: int,
+                       out: Path):
     """Training examples from the teacher's rationales (issue #9, `kd2edge.reasoning`).
 
     The teacher writes "Rationale: ... Answer: ..." (or draft -> critique -> revision) for every
     item, generated once into `cache` and copied to `out` for the user to read; the filter keeps
     what `keep` asks for; `train_method` turns the kept records into (prompt, target) pairs
-    (answer, rationale-then-answer, or both as two tasks), tokenized like the answer path.
+    (answer, rationale-then-answer, or both as two tasks), tokenized like the answer path with the
+    student's tokenizer (the teacher writes with its own, `tokenizer`).
 
     Returns:
         (examples, skipped, a summary for the manifest).
@@ -161,7 +209,7 @@ def rationale_examples(teacher, tokenizer, items: Sequence, prompts: Sequence[st
     write_jsonl_atomic(out, (r.to_json() for r in records))
     prompt_of = {it.id: p for it, p in zip(items, prompts)}
     pairs = build_pairs(records, train_method, prompt_fn=lambda item: prompt_of[item.id])
-    examples, skipped = build_examples(tokenizer, [p.item for p in pairs], [p.prompt for p in pairs],
+    examples, skipped = build_examples(student_tokenizer, [p.item for p in pairs], [p.prompt for p in pairs],
                                        [p.target for p in pairs], max_length)
     summary = {"data_method": data_method, "train_method": train_method, "keep": keep, "min_score": MIN_ANSWER_SCORE,
                "teacher_data": out.name, **summarize_records(records), "pairs": len(pairs),
@@ -196,49 +244,62 @@ def teacher_answers(teacher, tokenizer, items: Sequence, prompts: Sequence[str],
     return [done[item.id] for item in items]
 
 
-def teacher_targets(teacher, tokenizer, items: Sequence, prompts: Sequence[str], examples: list, skipped: int,
-                    work: Path, *, sequence_kd: bool, logits: bool, vocab_size: int, topk: int, max_length: int,
-                    max_new_tokens: int):
+def teacher_targets(teacher, teacher_tokenizer, student_tokenizer, items: Sequence, prompts: Sequence[str],
+                    examples: list, skipped: int, work: Path, *, sequence_kd: bool, logits: bool, vocab_size: int,
+                    topk: int, kd_positions: str, old_ids: Sequence[int] | None, max_length: int,
+                    max_new_tokens: int, teacher_hash: str = "", cache_dir: Path | None = None):
     """What the student learns from the teacher: its own answers as targets (sequence-level KD, when
-    asked) and its top-k logits at every answer position, both cached in the work dir `work`.
+    asked) and its top-k logits at the scored positions, both cached in the work dir `work`.
 
     Args:
-        examples, skipped: the training examples so far (replaced with sequence-level KD).
+        teacher_tokenizer, student_tokenizer: the same one unless the student's vocabulary is trimmed.
+        examples, skipped: the training examples so far, in student ids (replaced with sequence-level KD).
         logits: whether the loss reads the teacher's logits (not for loss "none" or 0 steps).
-        vocab_size, topk: see `compute_teacher_logits`.
+        vocab_size, topk, kd_positions, old_ids: see `compute_teacher_logits`.
         max_length, max_new_tokens: sequence limit; the teacher's answer length (sequence-level KD).
+        teacher_hash: the teacher's content hash (part of the logits cache's key).
+        cache_dir: where the logits are cached (a folder shared across runs); default `work`.
 
     Returns:
         (examples, skipped, the cached teacher rows or None).
     """
     if sequence_kd:
-        targets = teacher_answers(teacher, tokenizer, items, prompts, work / SEQKD_CACHE, max_new_tokens=max_new_tokens)
-        examples, skipped = build_examples(tokenizer, items, prompts, targets, max_length)
+        targets = teacher_answers(teacher, teacher_tokenizer, items, prompts, work / SEQKD_CACHE,
+                                  max_new_tokens=max_new_tokens)
+        examples, skipped = build_examples(student_tokenizer, items, prompts, targets, max_length)
     cache = None
     if logits:
-        cache = cached_teacher_logits(work / TEACHER_CACHE, teacher, examples, vocab_size=vocab_size, topk=topk,
-                                      pad_id=tokenizer.pad_token_id)
+        cache = cached_teacher_logits(cache_dir or work, teacher, examples, teacher_hash=teacher_hash,
+                                      vocab_size=vocab_size, topk=topk, pad_id=student_tokenizer.pad_token_id,
+                                      kd_positions=kd_positions, old_ids=old_ids)
     return examples, skipped, cache
 
 
 def compute_teacher_logits(teacher, examples: Sequence[TrainExample], *, vocab_size: int, topk: int, pad_id: int,
-                           batch_size: int = 8, progress: bool = True) -> list:
-    """The teacher's logits at each example's answer positions.
+                           kd_positions: str = "answer", old_ids: Sequence[int] | None = None, batch_size: int = 8,
+                           progress: bool = True) -> list:
+    """The teacher's logits at each example's scored positions (the answer's, or all of them).
 
     Args:
         teacher: the teacher causal LM (eval mode).
         examples: tokenized sequences (labels mark the answer positions).
-        vocab_size: real vocabulary size (padded rows are sliced off).
+        vocab_size: the student's real vocabulary size (padded rows are sliced off).
         topk: keep the k largest logits per position (values fp32, indices int32); 0 = full
-            vocabulary (fp16, about 2 bytes x V per answer token).
-        pad_id: padding token id.
+            vocabulary (fp16, about 2 bytes x V per scored position).
+        pad_id: padding token id (of the examples' tokenizer).
+        kd_positions: "answer" or "all" (`TrainExample.scored_positions`).
+        old_ids: with a trimmed student vocabulary, old_ids[student id] = teacher id
+            (`kd2edge.distill.vocab`): the teacher reads the student's token sequence in its own
+            ids and its logits are taken at the kept columns, in the student's order, so every
+            index in the cache is a student id.
 
     Returns:
-        Per example: TopK(values [n_i, k], indices [n_i, k]) or a tensor [n_i, V].
+        Per example: TopK(values [n_i, k], indices [n_i, k]) or a tensor [n_i, V], n_i its scored positions.
     """
     import torch
     from tqdm.auto import tqdm
 
+    to_teacher = torch.as_tensor(old_ids, dtype=torch.long) if old_ids is not None else None   # [V_student]
     # Sort by length so batches pad little; results go back to the examples' order.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     out: list = [None] * len(examples)
@@ -246,9 +307,14 @@ def compute_teacher_logits(teacher, examples: Sequence[TrainExample], *, vocab_s
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = collate([examples[i] for i in idx], pad_id)
-            logits, _ = student_answer_logits(teacher, batch, vocab_size)          # [N, V]
-            counts = [examples[i].answer_positions for i in idx]
+            batch = collate([examples[i] for i in idx], pad_id, kd_positions)
+            if to_teacher is None:
+                logits, _ = scored_logits(teacher, batch, vocab_size)                 # [N, V]
+            else:
+                batch["input_ids"] = to_teacher[batch["input_ids"]]                  # student ids -> teacher ids
+                logits, _ = scored_logits(teacher, batch, teacher.config.vocab_size)  # [N, V_teacher]
+                logits = logits.index_select(-1, to_teacher)                          # [N, V_student]
+            counts = [examples[i].scored_positions(kd_positions) for i in idx]
             if topk:
                 values, indices = logits.float().topk(min(topk, vocab_size), dim=-1)  # [N, k]
                 for i, v, j in zip(idx, values.split(counts), indices.split(counts)):
@@ -261,23 +327,38 @@ def compute_teacher_logits(teacher, examples: Sequence[TrainExample], *, vocab_s
     return out
 
 
-def cached_teacher_logits(path: Path, teacher, examples: Sequence[TrainExample], **kwargs) -> list:
-    """`compute_teacher_logits`, saved to `path` once and loaded from there afterwards.
-
-    The file records the examples' token ids' hash, so a cache made for other data is recomputed.
-    """
+def teacher_cache_key(teacher_hash: str, examples: Sequence[TrainExample], **kwargs) -> str:
+    """What decides the cached rows: the teacher (its content hash), the token ids, top-k, the scored
+    positions and the student's vocabulary (old_ids)."""
     import hashlib
+
+    blob = json.dumps([teacher_hash, [e.input_ids for e in examples], kwargs.get("topk"),
+                       kwargs.get("kd_positions", "answer"), list(kwargs.get("old_ids") or [])])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cached_teacher_logits(folder: Path, teacher, examples: Sequence[TrainExample], teacher_hash: str = "",
+                          **kwargs) -> list:
+    """`compute_teacher_logits`, saved in `folder` once and loaded from there afterwards.
+
+    The file is named by `teacher_cache_key`, so one folder can hold the targets of several
+    teachers, datasets and vocabularies: a run whose students share a teacher and data (a
+    `--teacher-cache DIR` given to each) computes the teacher's logits once. The file is written
+    through a temporary name and a rename, so a reader never sees half of it.
+    """
+    import os
 
     import torch
 
-    key = hashlib.sha256(json.dumps([e.input_ids for e in examples]).encode()
-                         + json.dumps(kwargs.get("topk")).encode()).hexdigest()
+    key = teacher_cache_key(teacher_hash, examples, **kwargs)
+    path = Path(folder) / f"{TEACHER_CACHE.removesuffix('.pt')}-{key[:24]}.pt"
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=False)
         if saved.get("key") == key:
             return saved["rows"]
     rows = compute_teacher_logits(teacher, examples, **kwargs)
-    tmp = path.with_name(path.name + ".tmp")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"key": key, "rows": rows}, tmp)
     tmp.replace(path)
     return rows

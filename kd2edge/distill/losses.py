@@ -180,11 +180,14 @@ def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask: torc
 
 def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor,
             kd_ratio: float = 0.5, loss: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
-            mask: torch.Tensor | None = None) -> KDLoss:
+            mask: torch.Tensor | None = None, kd_mask: torch.Tensor | None = None) -> KDLoss:
     """The training objective: kd_ratio * divergence + (1 - kd_ratio) * cross-entropy on the gold tokens.
 
     The 0.5 / 0.5 default mirrors the Qwen distillation study's mix of forward-KL soft
-    cross-entropy with the language-modelling loss.
+    cross-entropy with the language-modelling loss. The two terms may be averaged over
+    different positions: the divergence over every position of the sequence (the teacher's
+    whole next-token distribution, which heals a pruned student's language modelling), the
+    cross-entropy over the gold answer's tokens only.
 
     Args:
         student_logits: [..., V] student logits, aligned with `labels` (already shifted).
@@ -194,7 +197,8 @@ def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: 
         loss: "forward_kl", "reverse_kl", "jsd" or "none" (divergence off, CE only).
         temperature: T for the divergence (the CE term always uses T = 1).
         beta: the JSD mixing weight (loss = "jsd" only).
-        mask: [...] bool positions to score; default labels != IGNORE_INDEX (answer tokens only).
+        mask: [...] bool positions the cross-entropy scores; default labels != IGNORE_INDEX (answer tokens).
+        kd_mask: [...] bool positions the divergence scores; default `mask`.
 
     Returns:
         KDLoss(total, kd, ce), scalars.
@@ -206,16 +210,17 @@ def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: 
         raise ValueError(f"kd_ratio must lie in [0, 1], got {kd_ratio}")
     if mask is None:
         mask = labels != IGNORE_INDEX
+    kd_mask = mask if kd_mask is None else kd_mask
     ce = cross_entropy(student_logits, labels, mask)
     if loss == "none":
         kd = torch.zeros((), device=student_logits.device)
         return KDLoss(ce, kd, ce)
     if loss == "forward_kl":
-        kd = forward_kl(student_logits, teacher, mask, temperature)
+        kd = forward_kl(student_logits, teacher, kd_mask, temperature)
     elif loss == "reverse_kl":
-        kd = reverse_kl(student_logits, teacher, mask, temperature)
+        kd = reverse_kl(student_logits, teacher, kd_mask, temperature)
     elif loss == "jsd":
-        kd = generalized_jsd(student_logits, teacher, beta, mask, temperature)
+        kd = generalized_jsd(student_logits, teacher, beta, kd_mask, temperature)
     else:
         raise ValueError(f"unknown loss {loss!r} (known: forward_kl, reverse_kl, jsd, none)")
     return KDLoss(kd_ratio * kd + (1.0 - kd_ratio) * ce, kd, ce)

@@ -32,7 +32,8 @@ class Candidate:
 
 def candidates(breakdown: ParamBreakdown, *, bits: int, group_size: int, context_length: int,
                bandwidth: float, kv_value_bytes: int, max_artifact_mb: float, max_peak_memory_mb: float,
-               min_decode_tokens_per_s: float, max_param_fraction: float) -> list[Candidate]:
+               min_decode_tokens_per_s: float, max_param_fraction: float,
+               vocab_size: int | None = None, intermediate_size: int | None = None) -> list[Candidate]:
     """Every layer-pruned student (1 .. L-1 layers) with its estimates and the budgets it misses.
 
     Args:
@@ -43,11 +44,13 @@ def candidates(breakdown: ParamBreakdown, *, bits: int, group_size: int, context
         kv_value_bytes: bytes per cached K/V value (4 on CPU, 2 with an accelerator).
         max_artifact_mb, max_peak_memory_mb, min_decode_tokens_per_s: the profile's budgets.
         max_param_fraction: a student may hold at most this fraction of the teacher's parameters.
+        vocab_size: the student's trimmed vocabulary (None: the teacher's).
+        intermediate_size: MLP neurons the student keeps per layer (None: the teacher's).
     """
     out = []
     for n in range(1, breakdown.layers):
-        params = breakdown.params_with(n)
-        linear = n * breakdown.per_layer_linear
+        params = breakdown.params_with(n, vocab_size, intermediate_size)
+        linear = n * (breakdown.per_layer_linear - breakdown.dropped_per_layer(intermediate_size))
         size = quantized_size_bytes(linear, params - linear, bits, group_size)
         kv = kv_cache_bytes(n, breakdown.kv_heads, breakdown.head_dim, context_length, kv_value_bytes)
         tps = predicted_decode_tokens_per_s(size + kv, bandwidth)
@@ -83,7 +86,8 @@ def choose(cands: list[Candidate], profile_name: str = "the profile") -> Candida
 
 
 def plan_student(teacher_path: Path, profile, *, bits: int, group_size: int, max_param_fraction: float,
-                 student_layers: int | None = None) -> dict:
+                 student_layers: int | None = None, vocab_size: int | None = None,
+                 intermediate_size: int | None = None) -> dict:
     """Candidate layer-pruned students of the teacher in `teacher_path` for a device profile, and the choice.
 
     Args:
@@ -92,6 +96,8 @@ def plan_student(teacher_path: Path, profile, *, bits: int, group_size: int, max
         bits, group_size: the quantization the artifact will have.
         max_param_fraction: a student holds at most this share of the teacher's parameters.
         student_layers: keep exactly this many layers instead of the largest fitting candidate.
+        vocab_size: the student's vocabulary when it is trimmed (None: the teacher's).
+        intermediate_size: MLP neurons per layer when the MLPs are pruned (None: the teacher's).
 
     Returns:
         {"teacher": {params, layers}, "candidates": [...], "choice": {...}, "assumptions": {...}}
@@ -114,7 +120,9 @@ def plan_student(teacher_path: Path, profile, *, bits: int, group_size: int, max
                        max_artifact_mb=profile.budgets.max_artifact_mb,
                        max_peak_memory_mb=profile.budgets.max_peak_memory_mb,
                        min_decode_tokens_per_s=profile.budgets.min_decode_tokens_per_s,
-                       max_param_fraction=max_param_fraction)
+                       max_param_fraction=max_param_fraction,
+                       vocab_size=vocab_size if vocab_size and vocab_size < breakdown.vocab else None,
+                       intermediate_size=intermediate_size)
     choice = choose(cands, f"profile {profile.name}")
     if student_layers is not None:
         if student_layers >= breakdown.layers:
@@ -125,4 +133,7 @@ def plan_student(teacher_path: Path, profile, *, bits: int, group_size: int, max
             "candidates": [c.to_dict() for c in cands], "choice": choice.to_dict(),
             "assumptions": {"bits": bits, "group_size": group_size, "context_length": profile.runtime.context_length,
                             "kv_value_bytes": kv_bytes, "memory_bandwidth": float(profile.hardware.memory_bandwidth),
-                            "max_param_fraction": max_param_fraction}}
+                            "max_param_fraction": max_param_fraction,
+                            "vocab_size": min(vocab_size or breakdown.vocab, breakdown.vocab),
+                            "intermediate_size": min(intermediate_size or breakdown.intermediate,
+                                                     breakdown.intermediate)}}

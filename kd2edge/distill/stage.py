@@ -27,14 +27,12 @@ from kd2edge.errors import StageError
 def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     """Distill a student from the teacher artifact into `out_dir` (a transformers folder + manifest).
 
-    Raises:
-        ConfigError, ModelError, DataError, BudgetError: bad input, before any long work.
-        StageError: the saved student does not reproduce the trained one.
+    Raises ConfigError, ModelError, DataError or BudgetError on bad input, before any long work, and
+    StageError when the saved student does not reproduce the trained one.
     """
     import torch
 
     from kd2edge.distill import data
-    from kd2edge.distill.plan import plan_student
     from kd2edge.distill.student import build_student
     from kd2edge.distill.train import train_student
     from kd2edge.models import load_causal_lm, load_tokenizer
@@ -43,51 +41,65 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     d, ev, out_dir, work, clock = config.distill, config.evaluate, Path(out_dir), work_dir(out_dir), Stopwatch()
     teacher_path = Path(input_artifact.path)
     teacher_id, tokenizer = input_artifact.manifest.get("id", str(teacher_path)), load_tokenizer(teacher_path)
-    # With --student there is nothing to plan: a teacher no planned student fits (BudgetError) is fine.
-    plan = None if d.student else plan_student(teacher_path, config.profile, bits=config.quantize.bits,
-                                               group_size=config.quantize.group_size,
-                                               max_param_fraction=d.max_param_fraction, student_layers=d.student_layers)
+    plan = _plan(config, teacher_path)
     with clock("data_s"):   # data before models: an unusable dataset fails in seconds
         limit = data.train_item_limit(d.steps, d.grad_accum, d.batch_size, d.train_limit)
-        items, prompts = data.training_items(config.data, limit, d.shots, config.seed)
-        examples, skipped = data.answer_examples(tokenizer, items, prompts, d.max_length)
+        items, prompts, split = data.training_items(config.data, limit, d.shots, config.seed)
         evalset = prepare(ev.data or config.data, ev.split, ev.shots, d.eval_limit, config.seed)
+        vocab = data.student_vocabulary(tokenizer, items, prompts, None if d.student else d.vocab_size,
+                                        held_out=[p.text for p in evalset.prompts])
+        examples, skipped = data.answer_examples(vocab.tokenizer, items, prompts, d.max_length)
     teacher, reasoning = load_causal_lm(teacher_path)[0], None
     if d.data_method != "answer":
         with clock("teacher_rationales_s"):
             examples, skipped, reasoning = data.rationale_examples(
-                teacher, tokenizer, items, prompts, data_method=d.data_method, train_method=d.train_method,
-                keep=d.keep, max_length=d.max_length, cache=work / data.TEACHER_RECORDS, batch_size=d.batch_size,
-                out=out_dir / "teacher_data.jsonl")
+                teacher, tokenizer, vocab.tokenizer, items, prompts, data_method=d.data_method,
+                train_method=d.train_method, keep=d.keep, max_length=d.max_length, batch_size=d.batch_size,
+                cache=work / data.TEACHER_RECORDS, out=out_dir / "teacher_data.jsonl")
     with clock("block_influence_s"):
-        student, built = build_student(teacher, tokenizer, teacher_id, [e.input_ids for e in examples],
-                                       layers=plan["choice"]["layers"] if plan else None, spec=d.student)
+        student, student_tokenizer, built = build_student(
+            teacher, tokenizer, teacher_id, vocab.teacher_ids(examples), layers=plan["choice"]["layers"] if plan else None,
+            spec=d.student, keep_ids=vocab.old_ids, intermediate_size=d.intermediate_size)
     with clock("teacher_targets_s"):
         examples, skipped, cache = data.teacher_targets(
-            teacher, tokenizer, items, prompts, examples, skipped, work, sequence_kd=d.sequence_kd,
+            teacher, tokenizer, student_tokenizer, items, prompts, examples, skipped, work, sequence_kd=d.sequence_kd,
             logits=d.loss != "none" and d.steps > 0, vocab_size=built["vocab"], topk=d.topk_logits,
-            max_length=d.max_length, max_new_tokens=ev.max_new_tokens)
+            kd_positions=d.kd_positions, old_ids=vocab.old_ids, max_length=d.max_length,
+            max_new_tokens=ev.max_new_tokens, teacher_hash=input_artifact.content_hash,
+            cache_dir=Path(d.teacher_cache) if d.teacher_cache else None)
     del teacher
     with clock("eval_before_s"):
-        before = cached_json(work / "score_before.json", lambda: _score(student, tokenizer, evalset, d, ev, "before"))
+        before = cached_json(work / "score_before.json",
+                             lambda: _score(student, student_tokenizer, evalset, d, ev, "before"))
     torch.manual_seed(config.seed)
-    result = train_student(student, examples, cache, vocab_size=built["vocab"], pad_id=tokenizer.pad_token_id,
+    result = train_student(student, examples, cache, vocab_size=built["vocab"], pad_id=student_tokenizer.pad_token_id,
                            loss=d.loss, temperature=d.temperature, kd_ratio=d.kd_ratio, beta=d.jsd_beta, steps=d.steps,
                            batch_size=d.batch_size, grad_accum=d.grad_accum, lr=d.lr, warmup_ratio=d.warmup_ratio,
                            max_grad_norm=d.max_grad_norm, seed=config.seed, work_dir=work,
-                           checkpoint_every=d.checkpoint_every, mixed_precision=d.mixed_precision)
+                           checkpoint_every=d.checkpoint_every, mixed_precision=d.mixed_precision,
+                           kd_positions=d.kd_positions)
     clock.timings["train_s"] = round(result.seconds, 3)
-    grpo = None
-    if d.grpo_steps:
-        with clock("grpo_s"):
-            student, grpo = _grpo(student, tokenizer, items, evalset, d, ev, work, config.seed, out_dir)
+    with clock("grpo_s"):
+        student, grpo = _grpo(student, student_tokenizer, items, evalset, d, ev, work, config.seed, out_dir)
     with clock("eval_after_s"):
-        after = _score(student, tokenizer, evalset, d, ev, "after")
-    reload_diff = _save(student, tokenizer, out_dir, examples[0].input_ids)
+        after = _score(student, student_tokenizer, evalset, d, ev, "after")
+    reload_diff = _save(student, student_tokenizer, out_dir, examples[0].input_ids, vocab)
     metrics = _metrics(config, student, built, plan, result, before, after, examples, skipped, reasoning, grpo,
-                       reload_diff, teacher_id, out_dir)
+                       reload_diff, teacher_id, out_dir, split, vocab.info)
     return write_artifact(out_dir, "distill", config.stage_config("distill"), input_artifact, metrics,
                           id=built["id"], kind="model", timings=clock.total())
+
+
+def _plan(config, teacher_path: Path) -> dict | None:
+    """The planned student for the profile; None with --student (a teacher no planned student fits is fine then)."""
+    from kd2edge.distill.plan import plan_student
+
+    d = config.distill
+    if d.student:
+        return None
+    return plan_student(teacher_path, config.profile, bits=config.quantize.bits, group_size=config.quantize.group_size,
+                        vocab_size=d.vocab_size, intermediate_size=d.intermediate_size,
+                        max_param_fraction=d.max_param_fraction, student_layers=d.student_layers)
 
 
 def _score(model, tokenizer, evalset, d, ev, when: str) -> dict:
@@ -100,9 +112,12 @@ def _score(model, tokenizer, evalset, d, ev, when: str) -> dict:
 
 
 def _grpo(student, tokenizer, items, evalset, d, ev, work: Path, seed: int, out_dir: Path):
-    """GRPO after KD, with the KD student's scores and the reward plot kept beside the student."""
+    """GRPO after KD when asked (`grpo_steps`), with the KD student's scores and the reward plot kept
+    beside the student; (the student, the GRPO result or None)."""
     from kd2edge.reasoning.grpo import grpo_after_kd
 
+    if not d.grpo_steps:
+        return student, None
     after_kd = cached_json(work / "score_after_kd.json", lambda: _score(student, tokenizer, evalset, d, ev, "after KD"))
     student, grpo = grpo_after_kd(student, tokenizer, items, work, d.grpo_steps, seed)
     if grpo.get("plot"):
@@ -111,16 +126,20 @@ def _grpo(student, tokenizer, items, evalset, d, ev, work: Path, seed: int, out_
     return student, grpo
 
 
-def _save(student, tokenizer, out_dir: Path, probe_ids) -> float:
-    """Save the student and return how far the saved copy's logits are from it (must be ~0).
+def _save(student, tokenizer, out_dir: Path, probe_ids, vocab) -> float:
+    """Save the student (with `vocab_trim.json`, the teacher id of each token, when its vocabulary was
+    trimmed) and return how far the saved copy's logits are from it (must be ~0).
 
     Raises:
         StageError: the saved copy does not reproduce the trained student.
     """
+    from kd2edge.artifacts import write_json_atomic
     from kd2edge.models import reload_max_abs_diff
 
     student.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if vocab.old_ids is not None:
+        write_json_atomic(out_dir / "vocab_trim.json", {"old_ids": vocab.old_ids, "old_vocab_size": vocab.old_size})
     diff = reload_max_abs_diff(student, out_dir, probe_ids)
     if diff > 1e-4:
         raise StageError(f"the saved student differs from the trained one (max |logit diff| {diff:.2e}): "
@@ -130,7 +149,7 @@ def _save(student, tokenizer, out_dir: Path, probe_ids) -> float:
 
 def _metrics(config, student, built: dict, plan: dict | None, result, before: dict, after: dict, examples: list,
              skipped: int, reasoning: dict | None, grpo: dict | None, reload_diff: float, teacher_id: str,
-             out_dir: Path) -> dict:
+             out_dir: Path, split: dict, vocabulary: dict) -> dict:
     """The distill manifest's metrics (the keys report.json reads: docs/ARCHITECTURE.md)."""
     from kd2edge.distill.plots import write_loss_curves
     from kd2edge.models import count_params
@@ -142,7 +161,8 @@ def _metrics(config, student, built: dict, plan: dict | None, result, before: di
     metrics = {
         "teacher": {"id": teacher_id, "params": teacher_params},
         "student": {"id": built["id"], "params": student_params, "layers": student.config.num_hidden_layers,
-                    "layers_kept": built["layers_kept"], "importance": built["importance"]},
+                    "layers_kept": built["layers_kept"], "importance": built["importance"],
+                    "vocabulary": vocabulary},
         "param_reduction": round(1 - student_params / teacher_params, 4),
         "plan": {"choice": plan["choice"], "assumptions": plan["assumptions"]} if plan else None,
         "loss": d.loss, "temperature": d.temperature, "kd_ratio": d.kd_ratio,
@@ -152,8 +172,9 @@ def _metrics(config, student, built: dict, plan: dict | None, result, before: di
         "loss_first": first.get("loss"), "loss_last": last.get("loss"),
         "f1_before": before["f1"], "f1_after": after["f1"], "em_before": before["em"], "em_after": after["em"],
         "eval": {"data": ev.data or config.data, "split": ev.split, "shots": ev.shots, "n": after["n"]},
-        "train": {"items": len(examples), "skipped": skipped, "steps": d.steps, "resumed_from": result.resumed_from,
-                  "tokens": result.tokens, "answer_tokens": result.answer_tokens,
+        "train": {"data": config.data, "split": split, "items": len(examples), "skipped": skipped, "steps": d.steps,
+                  "resumed_from": result.resumed_from, "tokens": result.tokens, "answer_tokens": result.answer_tokens,
+                  "kd_positions": d.kd_positions,
                   "tokens_per_s": round(result.tokens / result.seconds, 1) if result.seconds else None,
                   "mixed_precision": result.mixed_precision, "topk_logits": d.topk_logits,
                   "sequence_kd": d.sequence_kd, "shots": d.shots},
@@ -169,22 +190,7 @@ def _metrics(config, student, built: dict, plan: dict | None, result, before: di
 
 
 def estimate(config: RunConfig, input_artifact: Artifact):
-    """What distilling from `input_artifact` with the run's [distill] settings needs (`needs.distill_needs`).
+    """What distilling from `input_artifact` with the run's [distill] settings needs (`needs.estimate`)."""
+    from kd2edge.distill.needs import estimate as distill_estimate
 
-    The student is counted at the planned share of the teacher (`max_param_fraction`), or as large
-    as the teacher with --student (it must be smaller); it has at most the teacher's layers; every
-    training item is counted at max_length.
-    """
-    from kd2edge.distill.data import train_item_limit
-    from kd2edge.distill.needs import distill_needs
-    from kd2edge.models import read_model_config
-    from kd2edge.sizing import hidden_size, stored_weights
-
-    d = config.distill
-    teacher, _ = stored_weights(Path(input_artifact.path))
-    model_config = read_model_config(input_artifact.path)
-    student = teacher if d.student else int(teacher * d.max_param_fraction)
-    items = train_item_limit(d.steps, d.grad_accum, d.batch_size, d.train_limit) or 0
-    return distill_needs(teacher, student, d.max_length, d.batch_size, hidden_size(model_config),
-                         model_config.get("num_hidden_layers") or 0, model_config.get("vocab_size") or 0,
-                         items * d.max_length, d.topk_logits)
+    return distill_estimate(config.distill, Path(input_artifact.path))

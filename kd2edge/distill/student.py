@@ -134,6 +134,95 @@ def prune_layers(model, keep: list[int]):
     return model
 
 
+def mlp_projections(layer):
+    """A decoder layer's gated MLP (llama, qwen2, mistral): (gate_proj, up_proj, down_proj).
+
+    Raises:
+        ModelError: the layer has no gated MLP of that shape (gpt_neox and others: no width pruning).
+    """
+    mlp = getattr(layer, "mlp", None)
+    parts = tuple(getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    if any(p is None for p in parts):
+        raise ModelError(f"{type(layer).__name__} has no gated MLP (gate_proj, up_proj, down_proj): MLP width "
+                         "pruning supports llama-, qwen2- and mistral-style models; leave distill.intermediate_size unset")
+    return parts
+
+
+def measure_mlp_importance(model, batches: Iterable[dict]) -> list:
+    """Activation importance of every MLP neuron of every decoder layer (Muralidharan et al. 2024, "Minitron").
+
+    A neuron's importance is the mean over calibration tokens of |h_j|, where h = act(gate(x)) * up(x)
+    is the input of down_proj [B, L, I]: a neuron that is rarely active contributes little to the
+    layer's output whatever its down_proj column holds.
+
+    Args:
+        model: a transformers causal LM with gated MLPs.
+        batches: dicts with input_ids [B, L] and attention_mask [B, L].
+
+    Returns:
+        Per decoder layer, a float tensor [I] of mean absolute activations.
+    """
+    import torch
+
+    _, layers = decoder_layers(model)
+    sums = [None] * len(layers)
+    count = [0]
+    mask_now: list = [None]
+
+    def hook(index):
+        def record(module, args):
+            h = args[0].detach().abs().float()                              # [B, L, I]
+            keep = mask_now[0].to(h.dtype).unsqueeze(-1)                    # [B, L, 1]
+            total = (h * keep).sum(dim=(0, 1))                              # [I]
+            sums[index] = total if sums[index] is None else sums[index] + total
+        return record
+
+    handles = [mlp_projections(layer)[2].register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask_now[0] = batch["attention_mask"].bool()
+                count[0] += int(mask_now[0].sum())
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if not count[0]:
+        raise ModelError("MLP importance saw no calibration tokens: the calibration batches are empty")
+    return [s / count[0] for s in sums]
+
+
+def prune_mlp(model, importance: list, size: int):
+    """Keep the `size` most important neurons of every MLP (rows of gate/up, columns of down), in place.
+
+    Args:
+        model: a transformers causal LM with gated MLPs.
+        importance: per layer a tensor [I] (`measure_mlp_importance`).
+        size: neurons to keep per layer, 1 <= size <= I.
+
+    Returns:
+        The same model, `config.intermediate_size` = size.
+
+    Raises:
+        ValueError: `size` out of range.
+    """
+    import torch
+
+    _, layers = decoder_layers(model)
+    for layer, scores in zip(layers, importance):
+        gate, up, down = mlp_projections(layer)
+        if not 1 <= size <= gate.out_features:
+            raise ValueError(f"cannot keep {size} of {gate.out_features} MLP neurons")
+        keep = torch.sort(torch.topk(scores, size).indices).values            # [size], in the original order
+        for linear, dim in ((gate, 0), (up, 0), (down, 1)):
+            linear.weight = torch.nn.Parameter(linear.weight.detach().index_select(dim, keep).clone())
+            if linear.bias is not None and dim == 0:
+                linear.bias = torch.nn.Parameter(linear.bias.detach().index_select(0, keep).clone())
+        gate.out_features = up.out_features = down.in_features = size
+    model.config.intermediate_size = size
+    return model
+
+
 def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_id: str, student_id: str) -> int:
     """Check that two tokenizers map text to the same ids; return the real vocabulary size.
 
@@ -166,14 +255,17 @@ def real_vocab_size(tokenizer, *models) -> int:
 CALIBRATION_ITEMS = 32   # training sequences used to measure block influence
 
 
-def pruned_student(teacher, calibration: list[list[int]], pad_id: int, layers: int):
-    """A copy of the teacher keeping its `layers` most influential decoder layers (first and last always).
+def pruned_student(teacher, calibration: list[list[int]], pad_id: int, layers: int,
+                   intermediate_size: int | None = None):
+    """A copy of the teacher keeping its `layers` most influential decoder layers (first and last always)
+    and, with `intermediate_size`, the most important neurons of each MLP (measured on the pruned copy).
 
     Args:
         teacher: the teacher causal LM (left unchanged).
         calibration: token id sequences to measure block influence on (the first CALIBRATION_ITEMS are used).
         pad_id: padding token id for batching them.
         layers: decoder layers to keep.
+        intermediate_size: MLP neurons to keep per layer (None: all).
 
     Returns:
         (student, kept layer indices, block influence per teacher layer rounded to 6 decimals).
@@ -187,7 +279,10 @@ def pruned_student(teacher, calibration: list[list[int]], pad_id: int, layers: i
                for i in range(0, len(seqs), 8)]
     importance = [round(x, 6) for x in measure_block_influence(teacher, batches)]
     kept = choose_layers(importance, layers)
-    return prune_layers(copy.deepcopy(teacher), kept), kept, importance
+    student = prune_layers(copy.deepcopy(teacher), kept)
+    if intermediate_size is not None and intermediate_size < student.config.intermediate_size:
+        prune_mlp(student, measure_mlp_importance(student, batches), intermediate_size)
+    return student, kept, importance
 
 
 def load_external_student(spec: str, teacher_tokenizer, teacher_params: int, teacher_id: str):
@@ -214,23 +309,27 @@ def load_external_student(spec: str, teacher_tokenizer, teacher_params: int, tea
 
 
 def build_student(teacher, tokenizer, teacher_id: str, calibration: list[list[int]], layers: int | None = None,
-                  spec: str | None = None):
-    """The student: the teacher pruned to `layers` decoder layers (`pruned_student`), or the model `spec` names.
+                  spec: str | None = None, keep_ids: list[int] | None = None, intermediate_size: int | None = None):
+    """The student: the teacher pruned to `layers` decoder layers (`pruned_student`) and, with `keep_ids`,
+    its vocabulary trimmed (`kd2edge.distill.vocab.trim_model`); or the model `spec` names.
 
     Args:
         teacher: the teacher causal LM (left unchanged).
         tokenizer: the teacher's tokenizer (a `spec` student must share it).
         teacher_id: the teacher's name, for the student's id and messages.
-        calibration: token id sequences for block influence (pruning only).
+        calibration: token id sequences in the teacher's ids, for block influence (pruning only).
         layers: decoder layers to keep (pruning); ignored with `spec`.
         spec: a separate student model (`kd2edge.models.resolve_model` spec), or None to prune.
+        keep_ids: the teacher's token ids the student keeps (`vocab.choose_vocabulary`), or None for all.
+        intermediate_size: MLP neurons the student keeps per layer (pruning only; None: all).
 
     Returns:
-        (student, {id, layers_kept, importance, teacher_params, vocab}).
+        (student, its tokenizer, {id, layers_kept, importance, teacher_params, vocab}).
 
     Raises:
         ModelError: a `spec` student with another tokenizer or not smaller than the teacher.
     """
+    from kd2edge.distill.vocab import trim_model
     from kd2edge.models import count_params
 
     teacher_params = count_params(teacher)
@@ -238,7 +337,15 @@ def build_student(teacher, tokenizer, teacher_id: str, calibration: list[list[in
         student, artifact = load_external_student(spec, tokenizer, teacher_params, teacher_id)
         built = {"id": artifact.manifest.get("id", spec), "layers_kept": None, "importance": None}
     else:
-        student, kept, importance = pruned_student(teacher, calibration, tokenizer.pad_token_id, layers)
+        student, kept, importance = pruned_student(teacher, calibration, tokenizer.pad_token_id, layers,
+                                                   intermediate_size)
         built = {"id": f"{teacher_id} [layers {','.join(map(str, kept))}]", "layers_kept": kept,
                  "importance": importance}
-    return student, {**built, "teacher_params": teacher_params, "vocab": real_vocab_size(tokenizer, teacher, student)}
+        if intermediate_size is not None:
+            built["id"] += f" [MLP {student.config.intermediate_size} of {teacher.config.intermediate_size}]"
+    real_vocab_size(tokenizer, teacher, student)
+    student_tokenizer = tokenizer
+    if keep_ids is not None:
+        student, student_tokenizer = trim_model(student, tokenizer, keep_ids)
+        built["id"] += f" [vocabulary {len(keep_ids)} of {len(tokenizer)}]"
+    return student, student_tokenizer, {**built, "teacher_params": teacher_params, "vocab": len(student_tokenizer)}

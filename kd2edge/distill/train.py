@@ -1,10 +1,13 @@
 """The distillation training loop: accelerate, AdamW, warmup + cosine, accumulation, checkpoints.
 
-Only the answer positions are scored, so the loop never builds logits for the prompt:
-the student's last hidden states [B, L, H] are gathered at the answer positions to
-[N, H] (N = answer tokens in the batch, typically 1-3 % of B x L for extractive QA)
-before the lm_head, and the teacher's logits come from the on-disk cache (top-k per
-answer position), so the teacher does not run during training at all.
+Logits are built only where a loss reads them: the student's last hidden states [B, L, H]
+are gathered at the scored positions to [N, H] before the lm_head. With `kd_positions`
+"all" those are every position that predicts a token (the divergence to the teacher over
+the whole sequence, passage and question included, heals what pruning took from the
+student's language modelling; the cross-entropy still reads the answer tokens only); with
+"answer" only the answer's positions (1-3 % of B x L for extractive QA). The teacher's
+logits come from the on-disk cache (top-k per scored position), so the teacher does not run
+during training at all.
 
 Resumption: the data order is a pure function of (seed, micro-batch number), and a
 checkpoint holds the student's weights, the optimizer and scheduler states, every RNG
@@ -24,6 +27,7 @@ from typing import Callable
 from kd2edge.distill.losses import IGNORE_INDEX, TopK, kd_loss
 
 CHECKPOINT = "checkpoint.pt"
+KD_POSITIONS = ("all", "answer")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,10 @@ class TrainExample:
     def answer_positions(self) -> int:
         return sum(1 for y in self.labels if y != IGNORE_INDEX)
 
+    def scored_positions(self, kd_positions: str) -> int:
+        """Positions the loss reads: the answer's, or ("all") every one that predicts a next token."""
+        return len(self.input_ids) - 1 if kd_positions == "all" else self.answer_positions
+
 
 @dataclass
 class TrainResult:
@@ -54,11 +62,12 @@ class TrainResult:
     mixed_precision: str = "no"
 
 
-def collate(examples: list[TrainExample], pad_id: int):
+def collate(examples: list[TrainExample], pad_id: int, kd_positions: str = "answer"):
     """Right-pad a micro-batch.
 
     Returns:
-        dict with input_ids [B, L], attention_mask [B, L], labels [B, L] (IGNORE_INDEX on padding).
+        dict with input_ids [B, L], attention_mask [B, L], labels [B, L] (IGNORE_INDEX on padding) and
+        scored [B, L] bool: the positions the loss reads (`TrainExample.scored_positions`).
     """
     import torch
 
@@ -71,7 +80,11 @@ def collate(examples: list[TrainExample], pad_id: int):
         ids[b, :n] = torch.tensor(e.input_ids)
         labels[b, :n] = torch.tensor(e.labels)
         mask[b, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    scored = labels != IGNORE_INDEX
+    if kd_positions == "all":
+        # every real position but the last, which predicts nothing: [B, L]
+        scored = mask.bool() & (torch.arange(length)[None, :] < mask.sum(1, keepdim=True) - 1)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "scored": scored}
 
 
 def micro_batch_indices(n_examples: int, batch_size: int, micro_batch: int, seed: int) -> list[int]:
@@ -109,43 +122,44 @@ def teacher_rows(cache: list, indices: list[int], device):
     return torch.cat(rows).to(device).float()
 
 
-def student_answer_logits(model, batch: dict, vocab_size: int):
-    """Logits of a causal LM at the answer positions only.
+def scored_logits(model, batch: dict, vocab_size: int):
+    """Logits of a causal LM at the batch's scored positions only.
 
     Args:
         model: a transformers causal LM.
-        batch: input_ids, attention_mask, labels, each [B, L].
+        batch: input_ids, attention_mask, labels and scored, each [B, L] (`collate`).
         vocab_size: real vocabulary (len(tokenizer)); padded embedding rows are sliced off.
 
     Returns:
-        (logits [N, V], labels [N]) with N the answer tokens in the batch.
+        (logits [N, V], labels [N]) with N the scored positions in the batch (row-major order),
+        labels IGNORE_INDEX where a scored position is not an answer token.
     """
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               use_cache=False).last_hidden_state                      # [B, L, H]
-    keep = batch["labels"] != IGNORE_INDEX                                             # [B, L]
+    keep = batch["scored"]                                                             # [B, L]
     selected = hidden[keep]                                                            # [N, H], row-major
     logits = model.get_output_embeddings()(selected)[:, :vocab_size]                   # [N, V]
     return logits, batch["labels"][keep]
 
 
-def answer_logits_module(model, vocab_size: int):
-    """`model` wrapped so that its forward is `student_answer_logits`.
+def scored_logits_module(model, vocab_size: int):
+    """`model` wrapped so that its forward is `scored_logits`.
 
     accelerate (DDP under `accelerate launch`) wraps this module, so gradient
-    synchronisation sees a normal forward call while the prompt's logits are still never built.
+    synchronisation sees a normal forward call while unscored positions never get logits.
     """
     import torch
 
-    class AnswerLogits(torch.nn.Module):
+    class ScoredLogits(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.lm = model
 
-        def forward(self, input_ids, attention_mask, labels):
-            return student_answer_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask,
-                                                   "labels": labels}, vocab_size)
+        def forward(self, input_ids, attention_mask, labels, scored):
+            return scored_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                           "labels": labels, "scored": scored}, vocab_size)
 
-    return AnswerLogits()
+    return ScoredLogits()
 
 
 def resolve_mixed_precision(requested: str) -> str:
@@ -195,14 +209,14 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history:
 def train_student(model, examples: list[TrainExample], teacher_cache: list | None, *, vocab_size: int, pad_id: int,
                   loss: str, temperature: float, kd_ratio: float, beta: float, steps: int, batch_size: int,
                   grad_accum: int, lr: float, warmup_ratio: float, max_grad_norm: float, seed: int,
-                  work_dir: Path, checkpoint_every: int, mixed_precision: str = "auto",
+                  work_dir: Path, checkpoint_every: int, mixed_precision: str = "auto", kd_positions: str = "answer",
                   on_step: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainResult:
     """Train `model` in place on the cached teacher outputs, resuming from `work_dir` if a checkpoint is there.
 
     Args:
         model: the student (a transformers causal LM), modified in place.
         examples: tokenized sequences with shifted labels.
-        teacher_cache: per example the teacher's rows at its answer positions (TopK or full logits);
+        teacher_cache: per example the teacher's rows at its scored positions (TopK or full logits);
             None with loss "none" (cross-entropy on the targets only).
         vocab_size: the real vocabulary shared by teacher and student.
         pad_id: padding token id.
@@ -212,6 +226,8 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list | Non
         seed: decides initialization order of data and RNGs.
         work_dir: where `checkpoint.pt` lives; checkpoint_every: steps between checkpoints.
         mixed_precision: "auto", "no", "bf16" or "fp16" (CPU always runs fp32).
+        kd_positions: "all" (the divergence at every position, cross-entropy on the answer) or
+            "answer" (both on the answer tokens only); the cache must hold the same positions.
         on_step: called after each optimizer step with (step, history row).
         progress: show a tqdm bar on stderr.
 
@@ -242,7 +258,9 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list | Non
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_step, history = state["step"], state["history"]
-    wrapped, optimizer = accelerator.prepare(answer_logits_module(model, vocab_size), optimizer)
+    # Without a teacher (loss "none") only the answer's logits are needed.
+    positions = kd_positions if teacher_cache is not None else "answer"
+    wrapped, optimizer = accelerator.prepare(scored_logits_module(model, vocab_size), optimizer)
     result = TrainResult(history=history, resumed_from=start_step, mixed_precision=precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     started = time.perf_counter()
@@ -253,17 +271,19 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list | Non
         for a in range(grad_accum):
             micro = (step * grad_accum + a) * world + rank
             idx = micro_batch_indices(len(examples), batch_size, micro, seed)
-            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            batch = collate([examples[i] for i in idx], pad_id, positions)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
-                logits, labels = wrapped(**batch)
+                logits, labels = wrapped(**batch)                                      # [N, V], [N]
             teacher = teacher_rows(teacher_cache, idx, accelerator.device) if teacher_cache is not None else None
-            parts = kd_loss(logits.float(), teacher, labels, kd_ratio=kd_ratio, loss=loss,
-                            temperature=temperature, beta=beta)
+            # The divergence reads every scored row; the cross-entropy the answer's (labels != IGNORE).
+            parts = kd_loss(logits.float(), teacher, labels, kd_ratio=kd_ratio, loss=loss, temperature=temperature,
+                            beta=beta, kd_mask=torch.ones_like(labels, dtype=torch.bool))
             accelerator.backward(parts.total / grad_accum)
             for k, v in zip(("loss", "kd", "ce"), parts):
                 totals[k] += v.item() / grad_accum
             result.tokens += int(batch["attention_mask"].sum())
-            result.answer_tokens += int(labels.numel())
+            result.answer_tokens += int((labels != IGNORE_INDEX).sum())
         grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), max_grad_norm) if max_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()

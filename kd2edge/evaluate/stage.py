@@ -58,7 +58,7 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
     summaries = {name: _public(summarize(records[name], evalset.task)) for name in MODELS}
     pred_dir = out_dir / "predictions"
     files = [str(write_predictions(records[n], pred_dir / f"{n}.jsonl").relative_to(out_dir)) for n in MODELS]
-    quality = quality_metrics(settings, summaries, records)
+    quality = quality_metrics(settings, summaries, records, config.seed)
     quality["train_method"] = method
     quality["prompts"] = {name: {"method": "answer" if name == "teacher" else method,
                                  "mode": method_mode("answer" if name == "teacher" else method, settings["mode"]),
@@ -70,9 +70,7 @@ def run(config, input_artifact: Artifact, out_dir: Path) -> Artifact:
                   for n, r in rationale_eval.items()]
         quality["rationale_eval"] = {"max_new_tokens": method_max_new_tokens("rationale", ev.max_new_tokens),
                                      **rationale_eval}
-    limit, value = config.profile.budgets.min_retention, quality["retention_f1"]
-    budgets = {"min_retention": {"limit": limit, "value": value,
-                                 "pass": None if value is None else bool(value >= limit)}}
+    budgets = {"min_retention": retention_budget(config.profile.budgets.min_retention, quality)}
     plot = plot_quality(summaries, out_dir / "quality.png")
     return write_artifact(out_dir, "evaluate", config.stage_config("evaluate"), input_artifact,
                           {"quality": quality, "budgets": budgets}, timings=timings,
@@ -150,26 +148,63 @@ def find_models(export: Artifact) -> dict[str, Artifact]:
     return {"student": student, "teacher": teacher}
 
 
-def quality_metrics(settings: dict, summaries: dict[str, dict], records: dict[str, list[dict]]) -> dict:
-    """The manifest's `quality` block: scores per model, retention and the deployed model's regressions."""
+def quality_metrics(settings: dict, summaries: dict[str, dict], records: dict[str, list[dict]], seed: int = 0) -> dict:
+    """The manifest's `quality` block: scores per model, retention with its interval (overall and per
+    language), and the deployed model's regressions."""
     kept = {name: metrics.retention(summaries["teacher"], summaries[name]) for name in ("student", "deployed")}
     for r in kept.values():
         r.pop("n", None)
     lost = metrics.regressions(records["teacher"], records["deployed"], limit=None)
     same = sum(s["prediction"] == d["prediction"] for s, d in zip(records["student"], records["deployed"]))
     return {
-        "dataset": settings["dataset"], "split": settings["split"], "task": settings["task"],
+        "dataset": settings["dataset"], "split": settings["split"], "split_info": settings["split_info"],
+        "task": settings["task"],
         "shots": settings["shots"], "n": summaries["teacher"]["n"], "mode": settings["mode"],
         "max_new_tokens": settings["max_new_tokens"], "prompt_template": settings["prompt_template"],
         **summaries,
         "retention_f1": kept["deployed"].get("f1"), "retention_em": kept["deployed"].get("em"),
         "retention": kept,
+        "retention_f1_interval": retention_intervals(records, "f1", seed),
         # How often the deployed (4-bit ONNX) model answers exactly as the fp32 student: the
         # quantize + export transformation checked against its reference on the task itself.
         "deployed_student_agreement": same / len(records["student"]),
         "regressions": lost[:20],
         "n_regressions": len(lost),
     }
+
+
+def retention_intervals(records: dict[str, list[dict]], metric: str, seed: int) -> dict:
+    """Paired bootstrap intervals of the deployed and fp32 student's retention of `metric`, overall and per language.
+
+    Returns:
+        {"deployed": interval, "student": interval, "by_language": {lang: {"deployed": ..., "student": ...}}},
+        each interval as `metrics.paired_bootstrap_retention` gives it.
+    """
+    def intervals(keep) -> dict:
+        teacher = [r[metric] for r in records["teacher"] if keep(r)]
+        return {name: metrics.paired_bootstrap_retention(teacher, [r[metric] for r in records[name] if keep(r)],
+                                                         seed=seed) for name in ("deployed", "student")}
+
+    languages = sorted({r["language"] for r in records["teacher"]})
+    by_language = ({lang: intervals(lambda r, lang=lang: r["language"] == lang) for lang in languages}
+                   if len(languages) > 1 else {})
+    return {**intervals(lambda r: True), "by_language": by_language}
+
+
+def retention_budget(limit: float, quality: dict) -> dict:
+    """The `min_retention` verdict: on the point estimate, with the interval and what it says.
+
+    The gate passes on the point estimate (F1 retention of the deployed model); when the 95%
+    interval contains the limit, the verdict says so: the items cannot tell pass from fail.
+    """
+    value = quality["retention_f1"]
+    interval = quality["retention_f1_interval"]["deployed"]
+    verdict = {"limit": limit, "value": value, "pass": None if value is None else bool(value >= limit),
+               "interval": [interval["low"], interval["high"]], "level": interval["level"], "n": interval["n"]}
+    if interval["low"] is not None and interval["low"] <= limit <= interval["high"]:
+        verdict["note"] = (f"the {interval['level']:.0%} interval [{interval['low']:.3f}, {interval['high']:.3f}] "
+                           f"contains the limit {limit}: {interval['n']} items cannot tell pass from fail")
+    return verdict
 
 
 def teacher_cache_key(teacher: Artifact, settings: dict) -> str:

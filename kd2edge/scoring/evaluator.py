@@ -247,12 +247,19 @@ def run_items(backend: Backend, evalset: EvalSet, max_new_tokens: int, mode: str
             bar.update(1)
     else:
         batch = max(1, backend.batch_size)
-        for start in range(0, len(evalset.prompts), batch):
-            chunk = evalset.prompts[start:start + batch]
+        # Batches of similar length pad little (English and Spanish prompts differ by half); the
+        # records go back to the items' order.
+        order = sorted(range(len(evalset.prompts)), key=lambda i: len(evalset.prompts[i].text)) if batch > 1 \
+            else list(range(len(evalset.prompts)))
+        by_index: dict[int, dict] = {}
+        for start in range(0, len(order), batch):
+            chunk = [evalset.prompts[i] for i in order[start:start + batch]]
             formatted = [backend.format_prompt(p.text) for p in chunk]
             outputs = backend.generate(formatted, max_new_tokens)
-            records += [_generated_record(p, f, o) for p, f, o in zip(chunk, formatted, outputs)]
+            for i, p, f, o in zip(order[start:start + batch], chunk, formatted, outputs):
+                by_index[i] = _generated_record(p, f, o)
             bar.update(len(chunk))
+        records = [by_index[i] for i in range(len(order))]
     bar.close()
     return records
 
@@ -316,6 +323,7 @@ def describe(evalset: EvalSet, data_spec: str, mode: str, max_new_tokens: int, s
              limit: int | None) -> dict:
     """The settings of an evaluation that decide its figures (also the teacher-cache key)."""
     return {"dataset": data_spec, "dataset_name": evalset.dataset.name, "split": evalset.dataset.split,
+            "split_info": evalset.dataset.split_info,
             "task": evalset.task, "shots": evalset.shots, "example_split": evalset.example_split,
             "limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
             "mode": mode if evalset.task == "multiple_choice" else "generate",

@@ -134,7 +134,7 @@ def test_dolly(tmp_path):
         {"instruction": "When did Orvel open?", "context": "Orvel opened in 1901.", "response": "In 1901.",
          "category": "closed_qa"},
         {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"}])
-    ds = load_qa(str(path))
+    ds = load_qa(str(path), "all")
     assert ds.task == "free_text" and len(ds) == 2
     first = ds.items[0]
     assert (first.question, first.context, first.answers, first.meta) == (
@@ -157,9 +157,9 @@ def test_generic_jsonl_answer_forms(tmp_path):
 
 def test_json_lines_in_a_json_file_and_json_list(tmp_path):
     lines = write_jsonl(tmp_path / "hf_export.json", [CSQA_FLAT, CSQA_FLAT | {"id": "c3"}])
-    assert [it.id for it in load_qa(str(lines)).items] == ["c2", "c3"]
+    assert [it.id for it in load_qa(f"{lines}@all").items] == ["c2", "c3"]
     listed = write_json(tmp_path / "list.json", [CSQA_FLAT])
-    assert load_qa(str(listed)).items[0].id == "c2"
+    assert load_qa(str(listed), "all").items[0].id == "c2"
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -274,12 +274,44 @@ def test_parse_split(split, expected):
 def test_slices_of_one_file_are_disjoint_and_cover_it(tmp_path):
     records = [{"question": f"Q{i}?", "context": f"Answer {i}.", "answers": [str(i)]} for i in range(10)]
     path = write_jsonl(tmp_path / "qa.jsonl", records)
-    train = load_qa(f"{path}@train[:80%]")
-    held_out = load_qa(str(path), split="validation[80%:]")
+    train = load_qa(f"{path}@all[:80%]")
+    held_out = load_qa(str(path), split="all[80%:]")
     assert [it.question for it in train.items] == [f"Q{i}?" for i in range(8)]
     assert [it.question for it in held_out.items] == ["Q8?", "Q9?"]
-    assert (train.split, held_out.split) == ("train[:80%]", "validation[80%:]")
-    assert [it.question for it in load_qa(str(path), split="x[-3:-1]").items] == ["Q7?", "Q8?"]
+    assert (train.split, held_out.split) == ("all[:80%]", "all[80%:]")
+    assert [it.question for it in load_qa(str(path), split="all[-3:-1]").items] == ["Q7?", "Q8?"]
+
+
+def test_one_file_is_split_by_article_and_never_across_one(tmp_path):
+    """Training reads the train part, evaluation the validation part: no article on both sides."""
+    doc = {"version": "1.1", "data": [
+        {"title": f"Article {a}", "paragraphs": [
+            {"context": f"Passage {a}.{p} says {a * 10 + p}.",
+             "qas": [{"id": f"{a}-{p}-{q}", "question": f"What does {a}.{p} say ({q})?",
+                      "answers": [{"text": str(a * 10 + p), "answer_start": len(f"Passage {a}.{p} says ")}]}
+                     for q in range(2)]} for p in range(3)]} for a in range(10)]}
+    path = write_json(tmp_path / "squad.json", doc)
+    train, validation, whole = (load_qa(str(path), part) for part in ("train", "validation", "all"))
+    titles = {part: {it.meta["title"] for it in ds.items} for part, ds in
+              (("train", train), ("validation", validation))}
+    assert not titles["train"] & titles["validation"]
+    assert (len(titles["validation"]), len(titles["train"])) == (2, 8)          # 20% of the 10 articles
+    assert len(train) + len(validation) == len(whole) == 60
+    assert validation.split_info == {"by": "article", "validation_fraction": 0.2,
+                                     "groups": {"train": 8, "validation": 2},
+                                     "validation_groups": sorted(titles["validation"]), "part": "validation"}
+    assert load_qa(f"{path}@dev").items == validation.items and load_qa(f"{path}@test").items == whole.items
+    with pytest.raises(DataError, match="ask for @train, @validation or @all"):
+        load_qa(f"{path}@holdout")
+
+
+def test_the_shipped_xquad_sample_is_split_by_article_alike_in_both_languages():
+    en, es = load_qa("xquad-en@validation"), load_qa("xquad-es@validation")
+    assert len(en) == len(es) == 192 and [it.id for it in en.items] == [it.id for it in es.items]
+    assert {it.language for it in es.items} == {"es"} and en.split_info["groups"] == {"train": 30, "validation": 8}
+    train_titles = {it.meta["title"] for it in load_qa("xquad@train").items}
+    assert not train_titles & {it.meta["title"] for it in en.items}
+    assert len(load_qa("xquad@all")) == 2 * 946
 
 
 def test_embedded_slice_then_limit():

@@ -87,3 +87,18 @@ def test_extract_answer_free_text_keeps_all_lines():
     ("B", "B"), ("b)", "B"), ("B. sea", "B"), ("Sea", "B"), ("sea.", "B"), ("A. sea", None), ("ocean", None)])
 def test_match_choice(answer, label):
     assert match_choice(answer, MC) == label
+
+
+def test_a_one_shot_example_shows_only_the_sentences_of_its_answer():
+    long = QAItem(id="q3", question="Who won in 1999?", answers=("Ana Vel",), answer_starts=(35,),
+                  context="The club was founded in 1901. In 1999 Ana Vel won the cup! Attendance rose. ¿Y luego? Nada.")
+    from kd2edge.data.prompts import example_passage
+
+    assert example_passage(long) == "In 1999 Ana Vel won the cup!"
+    assert build_prompt(ITEM, long).startswith("Context: In 1999 Ana Vel won the cup!\nQuestion: Who won in 1999?\n"
+                                               "Answer: Ana Vel\n\nContext: Brimor was founded by Ana Vel.")
+    # An answer across a sentence end keeps both sentences; no located answer keeps the passage.
+    across = QAItem(id="q4", question="?", context="A b. C d. E f.", answers=("b. C",), answer_starts=(2,))
+    assert example_passage(across) == "A b. C d."
+    assert example_passage(QAItem(id="q5", question="?", context="A b. C d.", answers=("x",), answer_starts=(-1,))) \
+        == "A b. C d."

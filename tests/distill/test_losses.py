@@ -112,3 +112,16 @@ def test_topk_reverse_kl_renormalizes_the_student_and_stays_non_negative():
     expected = 0.5 * math.log(0.5 / (2 / 3)) + 0.5 * math.log(0.5 / (1 / 3))
     assert reverse_kl(student, top).item() == pytest.approx(expected, abs=1e-6)
     assert generalized_jsd(student, top, beta=0.5).item() >= 0.0
+
+
+def test_kd_loss_averages_the_divergence_and_the_cross_entropy_over_their_own_positions():
+    # Two scored rows: a context position (no label) and an answer position (label 1).
+    student = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.75]]))
+    teacher = torch.log(torch.tensor([[0.9, 0.1], [0.25, 0.75]]))
+    labels = torch.tensor([IGNORE_INDEX, 1])
+    out = kd_loss(student, teacher, labels, kd_ratio=0.5, kd_mask=torch.tensor([True, True]))
+    kl_context = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)      # the answer row's KL is 0
+    assert out.kd.item() == pytest.approx(kl_context / 2, abs=1e-6)
+    assert out.ce.item() == pytest.approx(-math.log(0.75), abs=1e-6)      # the answer row only
+    answer_only = kd_loss(student, teacher, labels, kd_ratio=0.5)
+    assert answer_only.kd.item() == pytest.approx(0.0, abs=1e-6)

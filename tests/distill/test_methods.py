@@ -21,7 +21,7 @@ from kd2edge.pipeline import run_stage
 from kd2edge.testing import tiny_model_dir
 
 N_TRAIN = 5
-FAST = {"distill.steps": 2, "distill.batch_size": 4, "distill.max_param_fraction": 0.9, "distill.eval_limit": 2,
+FAST = {"data": "embedded", "distill.steps": 2, "distill.batch_size": 4, "distill.max_param_fraction": 0.9, "distill.eval_limit": 2,
         "evaluate.max_new_tokens": 3, "evaluate.shots": 0, "distill.checkpoint_every": 2, "distill.lr": 1e-3,
         "distill.topk_logits": 16, "distill.train_limit": N_TRAIN}
 RATIONALE = "The context states this directly"

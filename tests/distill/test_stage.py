@@ -15,7 +15,7 @@ from kd2edge.models import resolve_model
 from kd2edge.pipeline import run_stage
 from kd2edge.testing import tiny_model_dir
 
-FAST = {"distill.steps": 4, "distill.batch_size": 4, "distill.max_param_fraction": 0.9, "distill.eval_limit": 3,
+FAST = {"data": "embedded", "distill.steps": 4, "distill.batch_size": 4, "distill.max_param_fraction": 0.9, "distill.eval_limit": 3,
         "evaluate.max_new_tokens": 3, "evaluate.shots": 0, "distill.checkpoint_every": 2, "distill.lr": 1e-3,
         "distill.topk_logits": 16}
 
@@ -164,8 +164,8 @@ def test_distill_cli_json_and_rerun_skips(teachers, tmp_path):
     config = tmp_path / "run.json"
     nested: dict = {}
     for key, value in FAST.items():
-        section, name = key.split(".")
-        nested.setdefault(section, {})[name] = value
+        *section, name = key.split(".")
+        (nested.setdefault(section[0], {}) if section else nested)[name] = value
     config.write_text(json.dumps(nested))
     args = ["--teacher", str(teachers["gpt_neox"]), "--config", str(config), "--out", str(tmp_path / "s"),
             "--steps", "3", "--kd-ratio", "0.7", "--json"]
@@ -175,3 +175,65 @@ def test_distill_cli_json_and_rerun_skips(teachers, tmp_path):
     assert data["status"] == "done" and data["kd_ratio"] == 0.7 and data["train"]["steps"] == 3
     second = CliRunner().invoke(distill, args)
     assert json.loads(second.stdout)["status"] == "skipped"
+
+
+def test_a_trimmed_vocabulary_is_one_consistent_model_and_counts_honestly(teachers, tmp_path):
+    """vocab_size below the teacher's: fewer embedding rows, a tokenizer of the same size, ids remapped."""
+    from kd2edge.models import count_params, load_causal_lm
+
+    result = _run(teachers["llama"], tmp_path / "distill", **{"distill.vocab_size": 300})
+    folder, m = result.artifact.path, result.artifact.metrics
+    model, tokenizer = load_causal_lm(folder)
+    assert len(tokenizer) == model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == 300
+    assert m["student"]["vocabulary"]["size"] == 300 and m["student"]["vocabulary"]["teacher_size"] == 400
+    old_ids = json.loads((folder / "vocab_trim.json").read_text())["old_ids"]
+    teacher, teacher_tok = load_causal_lm(teachers["llama"])
+    text = "Context: The Velmora Institute was founded in 1871.\nQuestion: When?"
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text   # round trip
+    # Every student token is the teacher token old_ids[id]: same strings.
+    assert tokenizer.convert_ids_to_tokens(list(range(300))) == teacher_tok.convert_ids_to_tokens(old_ids)
+    # Parameters count the dropped rows once (tied): the untrimmed student of the same depth has 100 x 64 more.
+    full = _run(teachers["llama"], tmp_path / "full").artifact.metrics
+    assert full["student"]["params"] - m["student"]["params"] == 100 * 64
+    assert m["student"]["params"] == count_params(model) and m["param_reduction"] > full["param_reduction"]
+    assert model.config.eos_token_id == tokenizer.convert_tokens_to_ids(teacher_tok.convert_ids_to_tokens(
+        teacher.config.eos_token_id))
+
+
+def test_teacher_logits_for_a_trimmed_student_are_the_kept_columns(teachers):
+    """The teacher reads the student's sequence in its own ids; its rows are its logits at the kept columns."""
+    from kd2edge.distill.data import compute_teacher_logits
+    from kd2edge.distill.train import TrainExample
+    from kd2edge.models import load_causal_lm
+
+    teacher, _ = load_causal_lm(teachers["llama"])
+    old_ids = list(range(0, 400, 2))                                      # the student keeps the even ids
+    student_ids = (5, 17, 3, 40, 2)
+    example = TrainExample(student_ids, (-100, -100, -100, 2, -100))
+    (rows,) = compute_teacher_logits(teacher, [example], vocab_size=200, topk=0, pad_id=0, kd_positions="all",
+                                     old_ids=old_ids, progress=False)
+    with torch.no_grad():
+        full = teacher(input_ids=torch.tensor([[old_ids[i] for i in student_ids]])).logits[0, :-1]   # [4, 400]
+    assert rows.shape == (4, 200)                                          # every position but the last
+    assert torch.allclose(rows.float(), full[:, ::2], atol=1e-2)            # fp16 storage of the full rows
+    (answer,) = compute_teacher_logits(teacher, [example], vocab_size=200, topk=0, pad_id=0, old_ids=old_ids,
+                                       progress=False)
+    assert torch.allclose(answer.float(), full[3:4, ::2], atol=1e-2)        # "answer": the one labelled position
+
+
+def test_collate_scores_every_predicting_position_or_only_the_answer():
+    from kd2edge.distill.train import TrainExample, collate
+
+    a, b = TrainExample((1, 2, 3, 4), (-100, -100, 4, -100)), TrainExample((5, 6), (6, -100))
+    everything, answer = collate([a, b], 0, "all"), collate([a, b], 0, "answer")
+    assert everything["scored"].tolist() == [[True, True, True, False], [True, False, False, False]]
+    assert answer["scored"].tolist() == [[False, False, True, False], [True, False, False, False]]
+    assert a.scored_positions("all") == 3 and a.scored_positions("answer") == 1
+
+
+def test_a_width_pruned_student_keeps_fewer_mlp_neurons_and_the_plan_counts_them(teachers, tmp_path):
+    m = _run(teachers["llama"], tmp_path / "distill", **{"distill.intermediate_size": 64}).artifact
+    config = json.loads((m.path / "config.json").read_text())
+    assert config["intermediate_size"] == 64 and "[MLP 64 of 128]" in m.metrics["student"]["id"]
+    assert m.metrics["plan"]["assumptions"]["intermediate_size"] == 64
+    assert m.metrics["student"]["params"] == m.metrics["plan"]["choice"]["params"]

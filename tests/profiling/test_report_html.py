@@ -43,7 +43,16 @@ def _full_run(tmp_path):
                 "decode_tokens_per_s": 9.75, "peak_rss_mb": 1100.0, "threads": 4, "dtype": "float32"}
     quality = {"dataset": "embedded", "shots": 1, "teacher": {"em": 0.5, "f1": 0.625},
                "student": {"em": 0.45, "f1": 0.6}, "deployed": {"em": 0.4, "f1": 0.55},
-               "retention": {"student": {"f1": 0.96}, "deployed": {"f1": 0.88}}, "retention_f1": 0.88}
+               "retention": {"student": {"f1": 0.96}, "deployed": {"f1": 0.88}}, "retention_f1": 0.88,
+               "split": "validation", "split_info": {"by": "article", "groups": {"train": 30, "validation": 8}},
+               "retention_f1_interval": {
+                   "deployed": {"value": 0.88, "low": 0.71, "high": 1.04, "level": 0.95, "n": 384},
+                   "student": {"value": 0.96, "low": 0.8, "high": 1.1, "level": 0.95, "n": 384},
+                   "by_language": {"es": {"deployed": {"value": 0.5, "low": None, "high": None, "level": 0.95, "n": 4},
+                                          "student": {"value": None, "low": None, "high": None, "level": 0.95,
+                                                      "n": 4}}}}}
+    quality["teacher"]["by_language"] = {"es": {"f1": 0.25, "em": 0.0}}
+    quality["deployed"]["by_language"] = {"es": {"f1": 0.125, "em": 0.0}}
     artifacts = {
         "teacher": Artifact(tmp_path / "teacher", {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "content_hash": "t"}),
         "distill": _artifact(tmp_path / "distill", "distill", {
@@ -76,6 +85,10 @@ def test_html_holds_the_key_figures(tmp_path):
     assert page.count('class="fail">FAIL') == 1 and "min_decode_tokens_per_s" in page
     assert '<span class="badge fail">FAIL</span>' in page
     assert page.count("data:image/png;base64,") == 2  # the TTFT plot and the loss curve
+    retention = page.split("<h2>QA retention</h2>")[1].split("<h2>")[0]
+    assert "8 of 38 articles, never trained on" in retention and "1-shot" in retention
+    assert "88.0%" in retention and "[71.0%, 104.0%]" in retention        # the interval, overall
+    assert "<td>es</td>" in retention and "undefined" in retention and "0.125" in retention
     assert page.index("distill: loss_curve.png") < page.index("profile: ttft_vs_prompt.png")
     # report text is escaped, not markup
     assert "student&lt;b&gt;" in page and "Test CPU &lt;x86&gt;" in page and "student<b>" not in page

@@ -18,7 +18,7 @@ def fast_run_config(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fastrun")
     teacher = tiny_model_dir(root / "teacher", "llama", num_layers=4)
     config = load_config(overrides={
-        "teacher": str(teacher),
+        "teacher": str(teacher), "data": "embedded",
         "distill.steps": 4, "distill.batch_size": 4, "distill.eval_limit": 4, "distill.checkpoint_every": 2,
         "distill.train_limit": 16,
         "quantize.calib_samples": 8, "quantize.calib_max_tokens": 64,

@@ -29,7 +29,12 @@ def test_distill_needs_by_hand():
     # above building the student (8 x 100); disk: 16 x 50 student + checkpoint,
     # 6 cached positions x 3 x (4 + 4) top-k bytes (or x 10 x 2 fp16 for the full vocabulary)
     args = dict(seq=4, batch=2, hidden=8, layers=3, vocab=10, cached_positions=6)
-    assert distill_needs(100, 50, **args, topk=3) == Needs(disk_bytes=944, memory_bytes=800 + 13056 + 960)
+    assert distill_needs(100, 50, **args, topk=3) == Needs(disk_bytes=944, memory_bytes=800 + 13056 + 960 + 144)
+    # every position scored (kd_positions "all"): logits at all 100 positions of each row, not at 64 answer positions
+    long = dict(args, seq=100)
+    extra = 3 * 4 * 2 * (100 - 64) * 10
+    assert (distill_needs(100, 50, **long, topk=3, logit_positions=100).memory_bytes
+            - distill_needs(100, 50, **long, topk=3).memory_bytes) == extra
     assert distill_needs(100, 50, **args, topk=0).disk_bytes == 800 + 120
     # a big teacher and a tiny student: building the student is the peak
     assert distill_needs(10**6, 1, **args, topk=3).memory_bytes == 8 * 10**6

@@ -36,7 +36,7 @@ def test_evaluate_tiny_model_writes_predictions(tiny_llama_dir, squad_file, tmp_
 
 def test_one_shot_prompt_never_contains_the_item(squad_file):
     # every item evaluated: the example must be another item of the file
-    evalset = ev.prepare(str(squad_file), "validation", shots=1, limit=None, seed=3)
+    evalset = ev.prepare(str(squad_file), "all", shots=1, limit=None, seed=3)
     assert len(evalset.prompts) == 4
     for p in evalset.prompts:
         assert p.example_id is not None and p.example_id != p.item.id
@@ -72,7 +72,7 @@ class CannedBackend:
 
 
 def test_generated_answers_are_extracted_and_scored(squad_file):
-    evalset = ev.prepare(str(squad_file), "validation", shots=0, limit=None, seed=0)
+    evalset = ev.prepare(str(squad_file), "all", shots=0, limit=None, seed=0)
     backend = CannedBackend({
         "Who founded the Velmora Institute?": " Adaline Qorr.\nQuestion: more text",   # first line: EM 1
         "When was the Velmora Institute founded?": "Answer: in the year 1871",       # [in, year, 1871] vs [1871]: F1 0.5
@@ -89,7 +89,7 @@ def test_generated_answers_are_extracted_and_scored(squad_file):
 
 
 def test_multiple_choice_generate_mode_reads_letter_or_text(csqa_file):
-    evalset = ev.prepare(str(csqa_file), "validation", shots=0, limit=None, seed=0)
+    evalset = ev.prepare(str(csqa_file), "all", shots=0, limit=None, seed=0)
     backend = CannedBackend({"Where do you keep milk?": "A", "Where is it cold?": "fridge",
                              "What is wet?": "C. the river", "Where is money?": "I don't know"})
     records = {r["id"]: r for r in ev.run_items(backend, evalset, 8, mode="generate", progress=False)}
@@ -101,12 +101,12 @@ def test_onnx_backend_matches_pytorch_on_the_same_prompts(lineage, squad_file, c
     torch_backend = backends.load_backend(str(lineage["student"]))
     onnx_backend = backends.load_backend(str(lineage["export"].path))
     assert onnx_backend.kind == "onnx"
-    squad = ev.prepare(str(squad_file), "validation", shots=0, limit=None, seed=0)
+    squad = ev.prepare(str(squad_file), "all", shots=0, limit=None, seed=0)
     a = ev.run_items(torch_backend, squad, 6, progress=False)
     b = ev.run_items(onnx_backend, squad, 6, progress=False)
     assert [r["prompt"] for r in a] == [r["prompt"] for r in b]
     assert [r["generation"] for r in a] == [r["generation"] for r in b]
-    csqa = ev.prepare(str(csqa_file), "validation", shots=0, limit=None, seed=0)
+    csqa = ev.prepare(str(csqa_file), "all", shots=0, limit=None, seed=0)
     a = ev.run_items(torch_backend, csqa, 6, progress=False)
     b = ev.run_items(onnx_backend, csqa, 6, progress=False)
     for x, y in zip(a, b):
@@ -151,7 +151,7 @@ def test_gptq_checkpoint_is_evaluated_dequantized(tmp_path, squad_file):
     with torch.no_grad():  # the reference: the same quantized weights in memory
         for name, r in results.items():
             model.get_submodule(name).weight.copy_(r.dequant)
-    evalset = ev.prepare(str(squad_file), "validation", shots=0, limit=None, seed=0)
+    evalset = ev.prepare(str(squad_file), "all", shots=0, limit=None, seed=0)
     loaded = ev.run_items(backends.load_backend(str(tmp_path / "gptq")), evalset, 6, progress=False)
     reference = ev.run_items(backends.TorchBackend(model, tokenizer), evalset, 6, progress=False)
     assert [r["generation"] for r in loaded] == [r["generation"] for r in reference]

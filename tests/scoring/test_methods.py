@@ -148,7 +148,7 @@ def _read(path):
 def test_stage_rationale_student_on_multiple_choice(lineages, tmp_path):
     data = tmp_path / "csqa.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in CSQA) + "\n", encoding="utf-8")
-    config = load_config(overrides={"evaluate.data": str(data), "evaluate.shots": 0, "evaluate.split": "dev",
+    config = load_config(overrides={"evaluate.data": str(data), "evaluate.shots": 0, "evaluate.split": "all",
                                     "evaluate.max_new_tokens": 4})
     art = run_stage("evaluate", config, lineages["rationale"], tmp_path / "evaluate").artifact
     q = art.metrics["quality"]

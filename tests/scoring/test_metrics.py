@@ -154,3 +154,21 @@ def test_retention_and_regressions():
              {"id": "2", "correct": False, "prediction": "q"},
              {"id": "3", "correct": False, "prediction": "y"}]
     assert m.regressions(teacher, other) == [{"id": "2", "teacher": "b", "other": "q", "answers": ["b"]}]
+
+
+def test_paired_bootstrap_retention_by_hand():
+    # Equal scores: every resample has ratio 1.
+    same = m.paired_bootstrap_retention([0.2, 0.4, 0.6], [0.2, 0.4, 0.6], samples=200)
+    assert (same["value"], same["low"], same["high"], same["n"]) == (1.0, 1.0, 1.0, 3)
+    # The other model keeps half of every item: the ratio is 0.5 whatever the resample.
+    half = m.paired_bootstrap_retention([0.2, 0.4, 1.0, 0.8], [0.1, 0.2, 0.5, 0.4], samples=300, seed=1)
+    assert half["value"] == pytest.approx(0.5) and half["low"] == pytest.approx(0.5) == half["high"]
+    # Unpaired differences give an interval around the point estimate, reproducible by seed.
+    t, o = [1.0, 0.0, 1.0, 0.5, 0.0, 1.0] * 5, [1.0, 0.5, 0.0, 0.5, 0.0, 1.0] * 5
+    a, b = m.paired_bootstrap_retention(t, o, seed=3), m.paired_bootstrap_retention(t, o, seed=3)
+    assert a == b and a["value"] == pytest.approx(3.0 / 3.5) and a["low"] < a["value"] < a["high"]
+    # A teacher scoring 0 everywhere has no ratio; resamples without teacher score are counted, not divided by.
+    assert m.paired_bootstrap_retention([0.0, 0.0], [1.0, 0.0])["value"] is None
+    assert m.paired_bootstrap_retention([0.0, 1.0], [1.0, 1.0], samples=400)["undefined_samples"] > 0
+    with pytest.raises(ValueError, match="differ in length"):
+        m.paired_bootstrap_retention([1.0], [1.0, 0.0])
