@@ -126,12 +126,28 @@ def run_launched_stage(name: str, config: RunConfig, input_artifact: Artifact, o
     with tempfile.TemporaryDirectory(prefix="kd2edge-launch-") as tmp:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(dump_config(config), encoding="utf-8")
-        code = launch([name, "--config", str(config_file), "--out", str(out_dir), *(["--force"] if force else [])],
-                      spec)
+        with _stdout_to_stderr():
+            code = launch([name, "--config", str(config_file), "--out", str(out_dir), *(["--force"] if force else [])],
+                          spec)
     if code:
         raise LaunchFailed(code)
     # On every machine: the run folder is on a filesystem they share (`Ranks.check_shared`).
     return StageResult(name, "done", Artifact.load(out_dir), time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Point file descriptor 1 at stderr while the stage's processes run (they inherit it): their
+    summary is progress here, and stdout stays the pipeline's own (`kd2edge run --json`)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _finished(out_dir: Path, fp: str) -> Artifact | None:
