@@ -11,7 +11,6 @@ import sys
 from typing import Any, Callable
 
 import click
-from click.core import ParameterSource
 
 from kd2edge.distributed import is_secondary_process
 
@@ -46,32 +45,6 @@ def launch_options(command: Callable) -> Callable:
     for option in reversed(_LAUNCH_OPTIONS):
         command = option(command)
     return command
-
-
-def command_line(ctx: click.Context, drop: tuple[str, ...] = LAUNCH_PARAMS) -> list[str]:
-    """The command line of `ctx`'s command as the user gave it (group flags, the command's name, the
-    options not left at their defaults), without the options named in `drop`: what each launched
-    process runs.
-    """
-    head = ["--debug"] if ctx.find_root().params.get("debug") else []
-    args = []
-    for param in ctx.command.params:
-        if param.name in drop or ctx.get_parameter_source(param.name) in (None, ParameterSource.DEFAULT,
-                                                                          ParameterSource.DEFAULT_MAP):
-            continue
-        value = ctx.params[param.name]
-        if isinstance(param, click.Argument):
-            args += [str(v) for v in value] if isinstance(value, (tuple, list)) else [str(value)]
-        elif param.is_flag and param.secondary_opts:
-            args.append(param.opts[0] if value else param.secondary_opts[0])
-        elif param.is_flag:
-            args += [param.opts[0]] if value else []
-        elif param.multiple:
-            for v in value:
-                args += [param.opts[0], str(v)]
-        else:
-            args += [param.opts[0], str(value)]
-    return [*head, ctx.info_name, *args]
 
 
 def emit(result: Any, as_json: bool, summary: Callable[[Any], str] | str) -> None:

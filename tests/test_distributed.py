@@ -66,17 +66,6 @@ def test_one_process_ranks_are_plain_calls():
     assert group.main_first(lambda: "x") == "x"
 
 
-def test_the_command_line_is_forwarded_without_launch_flags():
-    from kd2edge.cli_common import command_line
-    from kd2edge.distill.cli import distill
-
-    ctx = distill.make_context("distill", ["--teacher", "t", "--out", "o", "--no-sequence-kd", "--steps", "3",
-                                           "--num-processes", "2", "--main-process-port", "1234", "--json",
-                                           "--teacher-cache", "c"])
-    assert command_line(ctx) == ["distill", "--teacher", "t", "--out", "o", "--steps", "3", "--no-sequence-kd",
-                                 "--teacher-cache", "c", "--json"]
-
-
 def test_only_distill_runs_in_several_processes(monkeypatch, tmp_path):
     import kd2edge.pipeline as pipeline
     from kd2edge.config import load_config

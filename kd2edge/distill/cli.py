@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from kd2edge.cli_common import (command_line, config_option, emit, info, json_option, launch_options,
-                                profile_option, table)
+from kd2edge.cli_common import config_option, emit, info, json_option, launch_options, profile_option, table
 from kd2edge.data.prompts import TRAIN_METHODS
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "none")
@@ -111,21 +110,20 @@ def _distill_summary(metrics: dict) -> str:
 @click.option("--force", is_flag=True, help="Rerun even if the output is up to date.")
 @launch_options
 @json_option
-@click.pass_context
-def distill(ctx, teacher, profile, config_file, out, student, steps, loss, temperature, kd_ratio, data, shots,
+def distill(teacher, profile, config_file, out, student, steps, loss, temperature, kd_ratio, data, shots,
             sequence_kd, data_method, train_method, keep, grpo_steps, teacher_cache, seed, force, num_processes,
             num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config, as_json):
     """Distill a student from a teacher (resumable: rerun the same command after a stop).
 
-    With --num-processes N the command runs again in N processes through accelerate's launcher
-    (`accelerate launch --multi_gpu --num_processes N -m kd2edge.cli distill ...`): the data is
-    split between them, the main one writes the output.
+    With --num-processes N the stage runs in N processes started through accelerate's launcher
+    (as `accelerate launch --multi_gpu --num_processes N -m kd2edge.cli distill ...` would): the
+    data is split between them, the main one writes the output, and this command prints it.
     """
     from kd2edge.config import load_config
-    from kd2edge.distributed import launch, launch_spec
-    from kd2edge.errors import ConfigError, LaunchFailed
+    from kd2edge.distributed import launch_spec
+    from kd2edge.errors import ConfigError
     from kd2edge.models import resolve_model
-    from kd2edge.pipeline import run_stage
+    from kd2edge.pipeline import run_launched_stage, run_stage
 
     overrides = {"teacher": teacher, "data": data, "seed": seed, "distill.student": student, "distill.steps": steps,
                  "distill.loss": loss, "distill.temperature": temperature, "distill.kd_ratio": kd_ratio,
@@ -138,14 +136,12 @@ def distill(ctx, teacher, profile, config_file, out, student, steps, loss, tempe
         raise ConfigError(f"--kd-ratio {kd_ratio} weighs the divergence, which loss 'none' turns off: "
                           "drop --kd-ratio, or choose a --loss (forward_kl, reverse_kl, jsd)")
     spec = launch_spec(num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config)
-    if spec is not None:
-        info(f"distill: {spec.num_processes} processes on {spec.num_machines} machine(s) through accelerate's launcher")
-        code = launch(command_line(ctx), spec)
-        if code:
-            raise LaunchFailed(code)
-        return
-    info(f"distill: teacher {config.teacher}, profile {config.profile.name}, output {out}")
-    result = run_stage("distill", config, resolve_model(config.teacher), Path(out), force=force)
+    info(f"distill: teacher {config.teacher}, profile {config.profile.name}, output {out}"
+         + (f", {spec.num_processes} processes on {spec.num_machines} machine(s)" if spec else ""))
+    if spec is None:
+        result = run_stage("distill", config, resolve_model(config.teacher), Path(out), force=force)
+    else:
+        result = run_launched_stage("distill", config, resolve_model(config.teacher), Path(out), spec, force=force)
     info(f"distill: {result.status} in {result.seconds:.0f} s")
     metrics = result.artifact.metrics
     emit({"status": result.status, "path": str(result.artifact.path), **metrics}, as_json,
