@@ -15,9 +15,10 @@ from pathlib import Path
 import click
 
 from kd2edge import __version__
-from kd2edge.cli_common import (config_option, emit, fail_line, info, json_option, profile_option,
+from kd2edge.cli_common import (config_option, emit, fail_line, info, json_option, launch_options, profile_option,
                                 table, warn)
-from kd2edge.errors import Interrupted, Kd2EdgeError
+from kd2edge.distributed import is_secondary_process
+from kd2edge.errors import Interrupted, Kd2EdgeError, LaunchFailed
 
 # name -> (module, attribute, one-line help shown in `kd2edge --help`)
 LAZY_COMMANDS = {
@@ -93,32 +94,50 @@ def cli(ctx, debug):
 @click.option("--train-method", type=click.Choice(["answer", "rationale", "multitask"]), default=None,
               help="How rationale data is trained on (needs --data-method rationale|critique-revision).")
 @click.option("--grpo-steps", type=click.IntRange(min=0), default=None, help="GRPO steps after KD (0: none).")
+@click.option("--teacher-cache", type=click.Path(file_okay=False), default=None,
+              help="A folder for the teacher's cached top-k logits, shared across runs (see `kd2edge distill --help`).")
 @click.option("--seed", type=int, default=None)
 @click.option("--force", is_flag=True, help="Rerun every stage even if its output is up to date.")
 @click.option("--no-gate", is_flag=True, help="Report budgets without failing the run.")
 @click.option("--print-config", is_flag=True, help="Print the fully resolved config as JSON and exit.")
+@launch_options
 @json_option
-def run(profile, config_file, out, teacher, student, data, steps, data_method, train_method, grpo_steps, seed, force,
-        no_gate, print_config, as_json):
+def run(profile, config_file, out, teacher, student, data, steps, data_method, train_method, grpo_steps, teacher_cache,
+        seed, force, no_gate, print_config, num_processes, num_machines, machine_rank, main_process_ip,
+        main_process_port, accelerate_config, as_json):
     """Run every stage in order: distill, quantize, export, profile, evaluate, package.
 
     A rerun skips the stages whose output already matches their config and input,
-    so a run that was stopped resumes where it stopped.
+    so a run that was stopped resumes where it stopped. With --num-processes N the distill
+    stage runs in N processes through accelerate's launcher, the other stages in this one;
+    on a machine other than rank 0 (--machine-rank) only the distill stage runs.
     """
     from kd2edge.config import data_leak_warning, dump_config, load_config
-    from kd2edge.pipeline import run_pipeline
+    from kd2edge.distributed import launch_spec
+    from kd2edge.models import resolve_model
+    from kd2edge.pipeline import make_run_dir, run_launched_stage, run_pipeline
 
     overrides = {"teacher": teacher, "data": data, "seed": seed, "distill.student": student,
                  "distill.steps": steps, "distill.data_method": data_method, "distill.train_method": train_method,
-                 "distill.grpo_steps": grpo_steps, "profiling.gate": False if no_gate else None}
+                 "distill.grpo_steps": grpo_steps, "distill.teacher_cache": teacher_cache,
+                 "profiling.gate": False if no_gate else None}
     config = load_config(config_file, profile=profile, overrides=overrides)
     if print_config:
         click.echo(dump_config(config), nl=False)
         return
+    spec = launch_spec(num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config)
     if (leak := data_leak_warning(config)) is not None:
         warn(leak)
     out_dir = Path(out)
-    info(f"kd2edge {__version__}: profile {config.profile.name}, teacher {config.teacher}, run folder {out_dir}")
+    info(f"kd2edge {__version__}: profile {config.profile.name}, teacher {config.teacher}, run folder {out_dir}"
+         + (f", distill in {spec.num_processes} processes" if spec else ""))
+    if spec is not None and spec.machine_rank > 0:
+        # Machine 0 runs the other stages; this one only takes its share of the distill stage.
+        make_run_dir(out_dir)
+        result = run_launched_stage("distill", config, resolve_model(config.teacher), out_dir / "distill", spec,
+                                    force=force)
+        info(f"   distill: {result.status} (machine {spec.machine_rank}); machine 0 runs the other stages")
+        return
 
     def on_stage(stage, event):
         _CURRENT_STAGE[0] = stage if event == "start" else None
@@ -127,7 +146,7 @@ def run(profile, config_file, out, teacher, student, data, steps, data_method, t
         else:
             info(f"   {stage}: {event}")
 
-    report = run_pipeline(config, out_dir, force=force, on_stage=on_stage)
+    report = run_pipeline(config, out_dir, force=force, on_stage=on_stage, spec=spec)
     emit(report, as_json, _run_summary)
 
 
@@ -236,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return _interrupted("interrupted by Ctrl-C")
     except Interrupted as e:
         return _interrupted(str(e))
+    except LaunchFailed as e:   # the launched process that failed printed its error
+        return e.exit_code
     except Kd2EdgeError as e:
         if debug:
             raise
@@ -244,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(what: str) -> int:
+    if is_secondary_process():   # stopped with the others: the main process says what happened
+        return 130
     stage = _CURRENT_STAGE[0]
     where = f" during the {stage} stage" if stage else ""
     fail_line(f"{what}{where}; finished stages are kept: run the same command again to resume")

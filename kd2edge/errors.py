@@ -69,6 +69,18 @@ class StageError(Kd2EdgeError):
     exit_code = 8
 
 
+class LaunchFailed(Kd2EdgeError):
+    """A command started in several processes (`kd2edge.distributed.launch`) failed.
+
+    The process that failed printed its own one-line error; the CLI exits with its code and prints
+    nothing more.
+    """
+
+    def __init__(self, exit_code: int):
+        self.exit_code = exit_code
+        super().__init__(f"a launched process failed with exit code {exit_code}: its error is printed above")
+
+
 class Interrupted(Kd2EdgeError):
     """The run was stopped by a signal; the message says how to resume."""
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kd2edge.cli_common import config_option, emit, info, json_option, profile_option, table
+from kd2edge.cli_common import config_option, emit, info, json_option, launch_options, profile_option, table
 from kd2edge.data.prompts import TRAIN_METHODS
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "none")
@@ -102,28 +102,46 @@ def _distill_summary(metrics: dict) -> str:
               help="Teacher outputs trained on: right answers only, or every usable one. [default: correct]")
 @click.option("--grpo-steps", type=click.IntRange(min=0), default=None,
               help="GRPO steps on correctness + format rewards after KD (needs --train-method rationale). [default: 0]")
+@click.option("--teacher-cache", type=click.Path(file_okay=False), default=None,
+              help="A folder for the teacher's cached top-k logits, shared across runs: the teacher runs once per "
+                   "teacher, data and vocabulary, and every student trained from the same ones reuses its file. "
+                   "[default: the stage's work folder]")
 @click.option("--seed", type=int, default=None)
 @click.option("--force", is_flag=True, help="Rerun even if the output is up to date.")
+@launch_options
 @json_option
 def distill(teacher, profile, config_file, out, student, steps, loss, temperature, kd_ratio, data, shots,
-            sequence_kd, data_method, train_method, keep, grpo_steps, seed, force, as_json):
-    """Distill a student from a teacher (resumable: rerun the same command after a stop)."""
+            sequence_kd, data_method, train_method, keep, grpo_steps, teacher_cache, seed, force, num_processes,
+            num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config, as_json):
+    """Distill a student from a teacher (resumable: rerun the same command after a stop).
+
+    With --num-processes N the stage runs in N processes started through accelerate's launcher
+    (as `accelerate launch --multi_gpu --num_processes N -m kd2edge.cli distill ...` would): the
+    data is split between them, the main one writes the output, and this command prints it.
+    """
     from kd2edge.config import load_config
+    from kd2edge.distributed import launch_spec
     from kd2edge.errors import ConfigError
     from kd2edge.models import resolve_model
-    from kd2edge.pipeline import run_stage
+    from kd2edge.pipeline import run_launched_stage, run_stage
 
     overrides = {"teacher": teacher, "data": data, "seed": seed, "distill.student": student, "distill.steps": steps,
                  "distill.loss": loss, "distill.temperature": temperature, "distill.kd_ratio": kd_ratio,
                  "distill.shots": shots, "distill.sequence_kd": sequence_kd, "distill.data_method": data_method,
-                 "distill.train_method": train_method, "distill.keep": keep, "distill.grpo_steps": grpo_steps}
+                 "distill.train_method": train_method, "distill.keep": keep, "distill.grpo_steps": grpo_steps,
+                 "distill.teacher_cache": teacher_cache}
     config = load_config(config_file, profile=profile, overrides=overrides)
     if kd_ratio is not None and config.distill.loss == "none":
         # The config cannot tell a default kd_ratio from a chosen one; the flag can.
         raise ConfigError(f"--kd-ratio {kd_ratio} weighs the divergence, which loss 'none' turns off: "
                           "drop --kd-ratio, or choose a --loss (forward_kl, reverse_kl, jsd)")
-    info(f"distill: teacher {config.teacher}, profile {config.profile.name}, output {out}")
-    result = run_stage("distill", config, resolve_model(config.teacher), Path(out), force=force)
+    spec = launch_spec(num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config)
+    info(f"distill: teacher {config.teacher}, profile {config.profile.name}, output {out}"
+         + (f", {spec.num_processes} processes on {spec.num_machines} machine(s)" if spec else ""))
+    if spec is None:
+        result = run_stage("distill", config, resolve_model(config.teacher), Path(out), force=force)
+    else:
+        result = run_launched_stage("distill", config, resolve_model(config.teacher), Path(out), spec, force=force)
     info(f"distill: {result.status} in {result.seconds:.0f} s")
     metrics = result.artifact.metrics
     emit({"status": result.status, "path": str(result.artifact.path), **metrics}, as_json,

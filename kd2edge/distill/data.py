@@ -13,12 +13,15 @@ reused by every epoch and by a resumed run.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from kd2edge.distill.losses import IGNORE_INDEX, TopK
 from kd2edge.distill.train import TrainExample, collate, scored_logits
+from kd2edge.distributed import Ranks
 from kd2edge.errors import DataError
 
 TEACHER_CACHE = "teacher_logits.pt"
@@ -247,7 +250,8 @@ def teacher_answers(teacher, tokenizer, items: Sequence, prompts: Sequence[str],
 def teacher_targets(teacher, teacher_tokenizer, student_tokenizer, items: Sequence, prompts: Sequence[str],
                     examples: list, skipped: int, work: Path, *, sequence_kd: bool, logits: bool, vocab_size: int,
                     topk: int, kd_positions: str, old_ids: Sequence[int] | None, max_length: int,
-                    max_new_tokens: int, teacher_hash: str = "", cache_dir: Path | None = None):
+                    max_new_tokens: int, teacher_hash: str = "", cache_dir: Path | None = None,
+                    group: Ranks | None = None):
     """What the student learns from the teacher: its own answers as targets (sequence-level KD, when
     asked) and its top-k logits at the scored positions, both cached in the work dir `work`.
 
@@ -259,20 +263,25 @@ def teacher_targets(teacher, teacher_tokenizer, student_tokenizer, items: Sequen
         max_length, max_new_tokens: sequence limit; the teacher's answer length (sequence-level KD).
         teacher_hash: the teacher's content hash (part of the logits cache's key).
         cache_dir: where the logits are cached (a folder shared across runs); default `work`.
+        group: the processes of a launched run: the main one generates the sequence-level KD answers
+            (the others read its cache), all of them share the logits pass (`cached_teacher_logits`).
 
     Returns:
-        (examples, skipped, the cached teacher rows or None).
+        (examples, skipped, the cached teacher rows or None, the logits cache's info or None).
     """
+    group = group or Ranks()
     if sequence_kd:
-        targets = teacher_answers(teacher, teacher_tokenizer, items, prompts, work / SEQKD_CACHE,
-                                  max_new_tokens=max_new_tokens)
+        targets = group.main_first(lambda: teacher_answers(teacher, teacher_tokenizer, items, prompts,
+                                                           work / SEQKD_CACHE, max_new_tokens=max_new_tokens,
+                                                           progress=group.is_main))
         examples, skipped = build_examples(student_tokenizer, items, prompts, targets, max_length)
-    cache = None
+    cache = info = None
     if logits:
-        cache = cached_teacher_logits(cache_dir or work, teacher, examples, teacher_hash=teacher_hash,
-                                      vocab_size=vocab_size, topk=topk, pad_id=student_tokenizer.pad_token_id,
-                                      kd_positions=kd_positions, old_ids=old_ids)
-    return examples, skipped, cache
+        cache, info = cached_teacher_logits(cache_dir or work, teacher, examples, teacher_hash=teacher_hash,
+                                            group=group, vocab_size=vocab_size, topk=topk,
+                                            pad_id=student_tokenizer.pad_token_id, kd_positions=kd_positions,
+                                            old_ids=old_ids)
+    return examples, skipped, cache, info
 
 
 def compute_teacher_logits(teacher, examples: Sequence[TrainExample], *, vocab_size: int, topk: int, pad_id: int,
@@ -338,27 +347,69 @@ def teacher_cache_key(teacher_hash: str, examples: Sequence[TrainExample], **kwa
 
 
 def cached_teacher_logits(folder: Path, teacher, examples: Sequence[TrainExample], teacher_hash: str = "",
-                          **kwargs) -> list:
+                          group: Ranks | None = None, **kwargs) -> tuple[list, dict]:
     """`compute_teacher_logits`, saved in `folder` once and loaded from there afterwards.
 
     The file is named by `teacher_cache_key`, so one folder can hold the targets of several
     teachers, datasets and vocabularies: a run whose students share a teacher and data (a
     `--teacher-cache DIR` given to each) computes the teacher's logits once. The file is written
     through a temporary name and a rename, so a reader never sees half of it.
-    """
-    import os
 
+    In several processes (`group`), the main process decides whether the file is there; if not,
+    process r computes the rows of examples r, r + W, r + 2W, ... and writes them to its own part
+    file, the main process merges the parts into the cache file and removes them, and then every
+    process reads that file. No file is written by two processes, and the teacher runs once over
+    the data, split W ways.
+
+    Returns:
+        (rows, info): info = {file, reused, processes} for the manifest.
+    """
+    group = group or Ranks()
+    key = teacher_cache_key(teacher_hash, examples, **kwargs)
+    folder = Path(folder)
+    path = folder / f"{TEACHER_CACHE.removesuffix('.pt')}-{key[:24]}.pt"
+    rows = _read_teacher_cache(path, key) if group.is_main else None
+    if group.broadcast(rows is not None):
+        return (rows if group.is_main else _read_teacher_cache(path, key)), {"file": path.name, "reused": True}
+    if group.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    group.check_shared(folder)   # every process writes its part here and reads the merged file
+    mine = compute_teacher_logits(teacher, examples[group.rank::group.world], progress=group.is_main, **kwargs)
+    if group.world == 1:
+        _write_teacher_cache(path, key, mine)
+        return mine, {"file": path.name, "reused": False, "processes": 1}
+    # A name no other run writing into a shared --teacher-cache folder can take.
+    parts = folder / f".{path.name}.{group.broadcast(uuid.uuid4().hex[:12])}"
+    _write_teacher_cache(parts.with_name(f"{parts.name}.part{group.rank}"), key, mine)
+    group.barrier()
+    if group.is_main:
+        rows = [None] * len(examples)
+        for r in range(group.world):
+            part = parts.with_name(f"{parts.name}.part{r}")
+            rows[r::group.world] = mine if r == 0 else _read_teacher_cache(part, key)
+        _write_teacher_cache(path, key, rows)
+        for r in range(group.world):
+            parts.with_name(f"{parts.name}.part{r}").unlink()
+    group.barrier()
+    if not group.is_main:
+        rows = _read_teacher_cache(path, key)
+    return rows, {"file": path.name, "reused": False, "processes": group.world}
+
+
+def _read_teacher_cache(path: Path, key: str) -> list | None:
+    """The rows cached at `path` under `key`, or None (no file, or another key)."""
     import torch
 
-    key = teacher_cache_key(teacher_hash, examples, **kwargs)
-    path = Path(folder) / f"{TEACHER_CACHE.removesuffix('.pt')}-{key[:24]}.pt"
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        if saved.get("key") == key:
-            return saved["rows"]
-    rows = compute_teacher_logits(teacher, examples, **kwargs)
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    return saved["rows"] if saved.get("key") == key else None
+
+
+def _write_teacher_cache(path: Path, key: str, rows: list) -> None:
+    """Save `rows` under `key` at `path` through a temporary name and a rename."""
+    import torch
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"key": key, "rows": rows}, tmp)
     tmp.replace(path)
-    return rows

@@ -180,7 +180,8 @@ def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask: torc
 
 def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor,
             kd_ratio: float = 0.5, loss: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
-            mask: torch.Tensor | None = None, kd_mask: torch.Tensor | None = None) -> KDLoss:
+            mask: torch.Tensor | None = None, kd_mask: torch.Tensor | None = None, kd_scale: float = 1.0,
+            ce_scale: float = 1.0) -> KDLoss:
     """The training objective: kd_ratio * divergence + (1 - kd_ratio) * cross-entropy on the gold tokens.
 
     The 0.5 / 0.5 default mirrors the Qwen distillation study's mix of forward-KL soft
@@ -199,9 +200,11 @@ def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: 
         beta: the JSD mixing weight (loss = "jsd" only).
         mask: [...] bool positions the cross-entropy scores; default labels != IGNORE_INDEX (answer tokens).
         kd_mask: [...] bool positions the divergence scores; default `mask`.
+        kd_scale, ce_scale: factors on the divergence's and the cross-entropy's mean in `total` (the
+            training loop weighs a micro-batch by its share of the global batch's positions).
 
     Returns:
-        KDLoss(total, kd, ce), scalars.
+        KDLoss(total, kd, ce), scalars; kd and ce are the unscaled means.
 
     Raises:
         ValueError: kd_ratio outside [0, 1] or an unknown loss name.
@@ -214,7 +217,7 @@ def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: 
     ce = cross_entropy(student_logits, labels, mask)
     if loss == "none":
         kd = torch.zeros((), device=student_logits.device)
-        return KDLoss(ce, kd, ce)
+        return KDLoss(ce * ce_scale, kd, ce)
     if loss == "forward_kl":
         kd = forward_kl(student_logits, teacher, kd_mask, temperature)
     elif loss == "reverse_kl":
@@ -223,4 +226,4 @@ def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: 
         kd = generalized_jsd(student_logits, teacher, beta, kd_mask, temperature)
     else:
         raise ValueError(f"unknown loss {loss!r} (known: forward_kl, reverse_kl, jsd, none)")
-    return KDLoss(kd_ratio * kd + (1.0 - kd_ratio) * ce, kd, ce)
+    return KDLoss(kd_ratio * kd * kd_scale + (1.0 - kd_ratio) * ce * ce_scale, kd, ce)

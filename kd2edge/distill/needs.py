@@ -53,6 +53,7 @@ def estimate(d, teacher_path) -> "Needs":
     trimmed vocabulary when `vocab_size` is smaller; every training item is counted at max_length.
     """
     from kd2edge.distill.data import train_item_limit
+    from kd2edge.distributed import world_size_from_env
     from kd2edge.models import read_model_config
     from kd2edge.sizing import hidden_size, stored_weights
 
@@ -62,7 +63,8 @@ def estimate(d, teacher_path) -> "Needs":
     vocab = model_config.get("vocab_size") or 0
     if d.vocab_size and not d.student:
         vocab = min(vocab, d.vocab_size)
-    items = train_item_limit(d.steps, d.grad_accum, d.batch_size, d.train_limit) or 0
+    # batch_size is per process: a launched run reads world-size times the items of one process.
+    items = train_item_limit(d.steps, d.grad_accum, d.batch_size * world_size_from_env(), d.train_limit) or 0
     return distill_needs(teacher, student, d.max_length, d.batch_size, hidden_size(model_config),
                          model_config.get("num_hidden_layers") or 0, vocab, items * d.max_length, d.topk_logits,
                          logit_positions=d.max_length if d.kd_positions == "all" else ANSWER_POSITIONS)

@@ -12,6 +12,11 @@ The steps, cheap checks first so that bad input fails in seconds:
    when asked (`kd2edge.reasoning.grpo`), scored before and after as the evaluate stage
    will ask it (`kd2edge.scoring.methods`);
 6. save the student, check that the saved copy reproduces it, plot the losses, write the manifest.
+
+Launched in several processes (`kd2edge.distributed`), every process runs steps 1-5 alike
+(the teacher's logits pass split between them, the training as DDP); the main process alone
+scores, saves and writes the manifest, and the others return None: `kd2edge.pipeline.run_stage`
+commits the folder. What runs in one process only (rationale data, GRPO) is refused up front.
 """
 
 from __future__ import annotations
@@ -21,14 +26,19 @@ from pathlib import Path
 
 from kd2edge.artifacts import Artifact, Stopwatch, cached_json, work_dir, write_artifact
 from kd2edge.config import RunConfig
-from kd2edge.errors import StageError
+from kd2edge.distributed import Ranks, ranks, use_cpu
+from kd2edge.errors import ConfigError, StageError
 
 
-def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
+def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact | None:
     """Distill a student from the teacher artifact into `out_dir` (a transformers folder + manifest).
 
-    Raises ConfigError, ModelError, DataError or BudgetError on bad input, before any long work, and
-    StageError when the saved student does not reproduce the trained one.
+    Returns:
+        The artifact; None in a launched process other than the main one (it writes nothing to `out_dir`).
+
+    Raises:
+        ConfigError, ModelError, DataError, BudgetError: bad input, before any long work.
+        StageError: the saved student does not reproduce the trained one.
     """
     import torch
 
@@ -39,11 +49,14 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     from kd2edge.scoring.evaluator import prepare
 
     d, ev, out_dir, work, clock = config.distill, config.evaluate, Path(out_dir), work_dir(out_dir), Stopwatch()
+    group = ranks()
+    _check_processes(d, group)
     teacher_path = Path(input_artifact.path)
     teacher_id, tokenizer = input_artifact.manifest.get("id", str(teacher_path)), load_tokenizer(teacher_path)
     plan = _plan(config, teacher_path)
     with clock("data_s"):   # data before models: an unusable dataset fails in seconds
-        limit = data.train_item_limit(d.steps, d.grad_accum, d.batch_size, d.train_limit)
+        # batch_size is per process: W processes read W times the items of one (one epoch).
+        limit = data.train_item_limit(d.steps, d.grad_accum, d.batch_size * group.world, d.train_limit)
         items, prompts, split = data.training_items(config.data, limit, d.shots, config.seed)
         evalset = prepare(ev.data or config.data, ev.split, ev.shots, d.eval_limit, config.seed)
         vocab = data.student_vocabulary(tokenizer, items, prompts, None if d.student else d.vocab_size,
@@ -61,16 +74,16 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
             teacher, tokenizer, teacher_id, vocab.teacher_ids(examples), layers=plan["choice"]["layers"] if plan else None,
             spec=d.student, keep_ids=vocab.old_ids, intermediate_size=d.intermediate_size)
     with clock("teacher_targets_s"):
-        examples, skipped, cache = data.teacher_targets(
+        examples, skipped, cache, cache_info = data.teacher_targets(
             teacher, tokenizer, student_tokenizer, items, prompts, examples, skipped, work, sequence_kd=d.sequence_kd,
             logits=d.loss != "none" and d.steps > 0, vocab_size=built["vocab"], topk=d.topk_logits,
             kd_positions=d.kd_positions, old_ids=vocab.old_ids, max_length=d.max_length,
             max_new_tokens=ev.max_new_tokens, teacher_hash=input_artifact.content_hash,
-            cache_dir=Path(d.teacher_cache) if d.teacher_cache else None)
+            cache_dir=Path(d.teacher_cache) if d.teacher_cache else None, group=group)
     del teacher
-    with clock("eval_before_s"):
+    with clock("eval_before_s"):   # the other processes wait for the main one in the training's first step
         before = cached_json(work / "score_before.json",
-                             lambda: _score(student, student_tokenizer, evalset, d, ev, "before"))
+                             lambda: _score(student, student_tokenizer, evalset, d, ev, "before")) if group.is_main else None
     torch.manual_seed(config.seed)
     result = train_student(student, examples, cache, vocab_size=built["vocab"], pad_id=student_tokenizer.pad_token_id,
                            loss=d.loss, temperature=d.temperature, kd_ratio=d.kd_ratio, beta=d.jsd_beta, steps=d.steps,
@@ -79,6 +92,8 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
                            checkpoint_every=d.checkpoint_every, mixed_precision=d.mixed_precision,
                            kd_positions=d.kd_positions)
     clock.timings["train_s"] = round(result.seconds, 3)
+    if not group.is_main:
+        return None
     with clock("grpo_s"):
         student, grpo = _grpo(student, student_tokenizer, items, evalset, d, ev, work, config.seed, out_dir)
     with clock("eval_after_s"):
@@ -86,8 +101,40 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact:
     reload_diff = _save(student, student_tokenizer, out_dir, examples[0].input_ids, vocab)
     metrics = _metrics(config, student, built, plan, result, before, after, examples, skipped, reasoning, grpo,
                        reload_diff, teacher_id, out_dir, split, vocab.info)
+    metrics["distributed"] = _distributed(d, group, result, cache_info)
     return write_artifact(out_dir, "distill", config.stage_config("distill"), input_artifact, metrics,
-                          id=built["id"], kind="model", timings=clock.total())
+                          id=built["id"], kind="model", timings=clock.total(), warnings=result.warnings)
+
+
+def _check_processes(d, group: Ranks) -> None:
+    """Refuse, before any long work, what does not run in several processes.
+
+    Raises:
+        ConfigError: rationale data, GRPO or an FSDP launch on GPUs with more than one process.
+    """
+    from kd2edge.distill.train import FSDP_REFUSED, fsdp_requested
+
+    if group.world == 1:
+        return
+    problems = []
+    if d.data_method != "answer":
+        problems.append(f"data_method {d.data_method!r}: the teacher writes its rationales in one process; "
+                        "run this distill without --num-processes")
+    if d.grpo_steps:
+        problems.append("grpo_steps: GRPO after KD runs in one process; distill with --grpo-steps 0 in several, "
+                        "then run `kd2edge grpo` on the student")
+    if fsdp_requested() and not use_cpu():
+        problems.append(FSDP_REFUSED)
+    if problems:
+        raise ConfigError(problems, source=f"{group.world} processes")
+
+
+def _distributed(d, group: Ranks, result, cache_info: dict | None) -> dict:
+    """The manifest's `distributed`: processes, backend, global batch, each process's share, the
+    teacher-logit cache (where, reused or computed by how many processes)."""
+    cache = dict(cache_info or {}, folder=d.teacher_cache) if cache_info else None
+    return {"num_processes": group.world, "backend": group.backend, "global_batch": d.batch_size * d.grad_accum * group.world,
+            "per_process": result.per_process, "teacher_cache": cache}
 
 
 def _plan(config, teacher_path: Path) -> dict | None:

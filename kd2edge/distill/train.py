@@ -13,21 +13,43 @@ Resumption: the data order is a pure function of (seed, micro-batch number), and
 checkpoint holds the student's weights, the optimizer and scheduler states, every RNG
 state and the step, so a run stopped after a checkpoint and restarted ends with the
 same weights as one that never stopped.
+
+Several processes (DDP through accelerate, `kd2edge.distributed`): `batch_size` is per
+process, and process r of W takes micro-batch number (step x grad_accum + a) x W + r, so
+W processes at batch B/W read exactly the examples one process reads at batch B. Each
+micro-batch's loss is weighted by its share of the step's scored positions over all
+micro-batches and processes, so a step's gradient is the mean over the global batch's
+positions however the batch is split (DDP averages gradients over processes; the loss
+history is summed over processes the same way). Only the main process writes the
+checkpoint; it holds every process's RNG state, and a run resumes with as many processes
+as it was checkpointed with. The student is replicated in every process (DDP): accelerate's
+FSDP is refused, since a checkpoint is the full state written by the main process and FSDP
+shards it across processes; on CPU accelerate 1.x runs DDP even with an FSDP config, which the
+result's warnings say.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from kd2edge.distill.losses import IGNORE_INDEX, TopK, kd_loss
+from kd2edge.distributed import Ranks, ranks
+from kd2edge.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
 KD_POSITIONS = ("all", "answer")
+# Test hooks, never set in normal use: write each micro-batch's example indices to DIR/rank<r>.jsonl;
+# pause this many seconds after writing a checkpoint (the interruption tests kill the processes then).
+TRACE_ENV = "KD2EDGE_TEST_TRACE_BATCHES"
+PAUSE_ENV = "KD2EDGE_TEST_PAUSE_AFTER_CHECKPOINT"
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,9 @@ class TrainResult:
     answer_tokens: int = 0        # of which scored answer tokens
     resumed_from: int = 0         # step the run resumed from (0 = fresh)
     mixed_precision: str = "no"
+    num_processes: int = 1
+    per_process: list[dict] = field(default_factory=list)   # sequences and tokens each process trained on
+    warnings: list[str] = field(default_factory=list)
 
 
 def collate(examples: list[TrainExample], pad_id: int, kd_positions: str = "answer"):
@@ -194,16 +219,100 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list[dict]) -> None:
-    """Write the whole training state atomically (temporary file, then rename)."""
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list[dict],
+                    rng_states: list[dict] | None = None) -> None:
+    """Write the whole training state atomically (temporary file, then rename).
+
+    Args:
+        rng_states: every process's RNG state, in rank order (default: this process's only).
+    """
     import torch
 
+    rng_states = rng_states or [_rng_state()]
     state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": _rng_state(), "step": step, "history": history}
+             "rng": rng_states[0], "rng_per_process": rng_states, "num_processes": len(rng_states),
+             "step": step, "history": history}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, group: Ranks) -> tuple[int, list[dict]]:
+    """Restore the training state written by `save_checkpoint` into this process; (step, history).
+
+    Raises:
+        ConfigError: the checkpoint was taken with another number of processes (the global batch
+            and the data each process reads would change).
+    """
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    taken = state.get("num_processes", 1)
+    if taken != group.world:
+        raise ConfigError(f"the checkpoint in {path.parent} was taken with {taken} process(es), this run has "
+                          f"{group.world}: resume with --num-processes {taken}, or delete {path.parent} to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state.get("rng_per_process", [state["rng"]])[group.rank])
+    return state["step"], state["history"]
+
+
+FSDP_REFUSED = ("FSDP would shard the student, whose checkpoints are full states written by the main process: "
+                "launch without an FSDP accelerate config (DDP: --num-processes N)")
+
+
+def fsdp_requested() -> bool:
+    """Whether the launch asked accelerate for FSDP (an accelerate config with distributed_type FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def _parallelism_warnings(accelerator) -> list[str]:
+    """Refuse accelerate's FSDP for the student; say when an FSDP launch runs DDP instead (CPU).
+
+    Raises:
+        ConfigError: accelerate would shard the student (FSDP on GPUs).
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError(FSDP_REFUSED)
+    if fsdp_requested():
+        return [f"the launch asked for FSDP but accelerate runs {accelerator.distributed_type.value} on this "
+                "machine (no FSDP on CPU): every process held the whole student"]
+    return []
+
+
+def step_positions(examples: list[TrainExample], step: int, *, batch_size: int, grad_accum: int, world: int,
+                   seed: int, kd_positions: str) -> tuple[int, int]:
+    """The scored (divergence) and answer (cross-entropy) positions of a whole optimizer step, over
+    every micro-batch of every process: the denominators of the step's global-batch means.
+
+    Every process computes them alone: the micro-batches are a pure function of their number.
+    """
+    n_kd = n_ce = 0
+    for micro in range(step * grad_accum * world, (step + 1) * grad_accum * world):
+        for i in micro_batch_indices(len(examples), batch_size, micro, seed):
+            n_kd += examples[i].scored_positions(kd_positions)
+            n_ce += examples[i].answer_positions
+    return n_kd, n_ce
+
+
+def _trace(folder: str | None, rank: int, step: int, micro: int, indices: list[int]) -> None:
+    """Append a micro-batch's example indices to folder/rank<r>.jsonl (the TRACE_ENV test hook)."""
+    if folder:
+        with open(Path(folder) / f"rank{rank}.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "micro": micro, "indices": indices}) + "\n")
+
+
+def _pause_after_checkpoint(step: int, is_main: bool) -> None:
+    """The PAUSE_ENV test hook: say that the checkpoint of `step` is written, then sleep."""
+    seconds = float(os.environ.get(PAUSE_ENV) or 0)
+    if seconds > 0:
+        if is_main:
+            print(f"kd2edge: checkpoint at step {step} written, pausing ({PAUSE_ENV})", file=sys.stderr, flush=True)
+        time.sleep(seconds)
 
 
 def train_student(model, examples: list[TrainExample], teacher_cache: list | None, *, vocab_size: int, pad_id: int,
@@ -221,7 +330,8 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list | Non
         vocab_size: the real vocabulary shared by teacher and student.
         pad_id: padding token id.
         loss, temperature, kd_ratio, beta: as in `kd2edge.distill.losses.kd_loss`.
-        steps: optimizer steps; batch_size: sequences per micro-batch; grad_accum: micro-batches per step.
+        steps: optimizer steps; batch_size: sequences per micro-batch of each process; grad_accum: micro-batches
+            per step (the global batch is batch_size x grad_accum x processes).
         lr, warmup_ratio, max_grad_norm: AdamW learning rate, linear warmup share, gradient clipping.
         seed: decides initialization order of data and RNGs.
         work_dir: where `checkpoint.pt` lives; checkpoint_every: steps between checkpoints.
@@ -232,15 +342,21 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list | Non
         progress: show a tqdm bar on stderr.
 
     Returns:
-        TrainResult with the full loss history (including steps done before a resume).
+        TrainResult with the full loss history (including steps done before a resume), the same in
+        every process.
+
+    Raises:
+        ConfigError: a checkpoint taken with another number of processes.
     """
     import torch
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    group = ranks()
     precision = resolve_mixed_precision(mixed_precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    warnings = _parallelism_warnings(accelerator)
     random.seed(seed)
     torch.manual_seed(seed)
     model.train()
@@ -251,54 +367,71 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list | Non
     checkpoint = Path(work_dir) / CHECKPOINT
     history: list[dict] = []
     start_step = 0
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start_step, history = state["step"], state["history"]
+    if group.broadcast(checkpoint.is_file()):
+        start_step, history = load_checkpoint(checkpoint, model, optimizer, scheduler, group)
     # Without a teacher (loss "none") only the answer's logits are needed.
     positions = kd_positions if teacher_cache is not None else "answer"
     wrapped, optimizer = accelerator.prepare(scored_logits_module(model, vocab_size), optimizer)
-    result = TrainResult(history=history, resumed_from=start_step, mixed_precision=precision)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    result = TrainResult(history=history, resumed_from=start_step, mixed_precision=precision,
+                         num_processes=group.world, warnings=warnings)
+    rank, world = group.rank, group.world
+    trace = os.environ.get(TRACE_ENV)
+    sequences = 0
     started = time.perf_counter()
     bar = tqdm(total=steps, initial=start_step, desc="distill", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
     for step in range(start_step, steps):
-        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        n_kd, n_ce = step_positions(examples, step, batch_size=batch_size, grad_accum=grad_accum, world=world,
+                                    seed=seed, kd_positions=positions)
+        sums = [0.0, 0.0, 0.0]   # this process's share of the step's loss, kd x positions, ce x positions
         for a in range(grad_accum):
             micro = (step * grad_accum + a) * world + rank
             idx = micro_batch_indices(len(examples), batch_size, micro, seed)
+            _trace(trace, rank, step, micro, idx)
             batch = collate([examples[i] for i in idx], pad_id, positions)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.autocast():
-                logits, labels = wrapped(**batch)                                      # [N, V], [N]
-            teacher = teacher_rows(teacher_cache, idx, accelerator.device) if teacher_cache is not None else None
-            # The divergence reads every scored row; the cross-entropy the answer's (labels != IGNORE).
-            parts = kd_loss(logits.float(), teacher, labels, kd_ratio=kd_ratio, loss=loss, temperature=temperature,
-                            beta=beta, kd_mask=torch.ones_like(labels, dtype=torch.bool))
-            accelerator.backward(parts.total / grad_accum)
-            for k, v in zip(("loss", "kd", "ce"), parts):
-                totals[k] += v.item() / grad_accum
+            # DDP averages gradients over the processes once per step, at the last micro-batch.
+            sync = accelerator.no_sync(wrapped) if a < grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with accelerator.autocast():
+                    logits, labels = wrapped(**batch)                                  # [N, V], [N]
+                teacher = teacher_rows(teacher_cache, idx, accelerator.device) if teacher_cache is not None else None
+                m_kd, m_ce = len(labels), int((labels != IGNORE_INDEX).sum())
+                # This micro-batch's means, weighted by its share of the step's positions (times W:
+                # DDP divides by W). The divergence reads every scored row; the cross-entropy the answer's.
+                parts = kd_loss(logits.float(), teacher, labels, kd_ratio=kd_ratio, loss=loss,
+                                temperature=temperature, beta=beta, kd_mask=torch.ones_like(labels, dtype=torch.bool),
+                                kd_scale=world * m_kd / max(n_kd, 1), ce_scale=world * m_ce / max(n_ce, 1))
+                accelerator.backward(parts.total)
+            sums[0] += parts.total.item() / world
+            sums[1] += parts.kd.item() * m_kd
+            sums[2] += parts.ce.item() * m_ce
             result.tokens += int(batch["attention_mask"].sum())
-            result.answer_tokens += int((labels != IGNORE_INDEX).sum())
+            result.answer_tokens += m_ce
+            sequences += len(idx)
         grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), max_grad_norm) if max_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"step": step + 1, **{k: round(v, 6) for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0],
+        total, kd_sum, ce_sum = group.sum(sums)
+        row = {"step": step + 1, "loss": round(total, 6), "kd": round(kd_sum / max(n_kd, 1), 6),
+               "ce": round(ce_sum / max(n_ce, 1), 6), "lr": scheduler.get_last_lr()[0],
                "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else None}
         history.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", kd=f"{row['kd']:.3f}")
-        if (step + 1) % checkpoint_every == 0 and step + 1 < steps and accelerator.is_main_process:
-            save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, history)
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            rng_states = group.gather(_rng_state())
+            if group.is_main:
+                save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, history, rng_states)
+            _pause_after_checkpoint(step + 1, group.is_main)
         if on_step is not None:
             on_step(step + 1, row)
     bar.close()
     result.seconds = time.perf_counter() - started
+    result.per_process = [{"rank": r, "sequences": n, "tokens": t} for r, (n, t) in
+                          enumerate(group.gather((sequences, result.tokens)))]
+    result.tokens, result.answer_tokens = (int(x) for x in group.sum([result.tokens, result.answer_tokens]))
     model.eval()
     model.config.use_cache = True
     return result
