@@ -80,8 +80,10 @@ def test_unpackable_vocabulary_is_refused_by_quantize_head():
 ])
 def test_quantize_bad_input(tiny_llama_dir, tmp_path, capsys, flags, code, message):
     out = tmp_path / "q"
-    data = tmp_path / "one.jsonl"                              # one short question: ~20 tokens
-    data.write_text(json.dumps({"question": "Who?", "context": "Ann came.", "answers": ["Ann"]}) + "\n")
+    # Three short questions on three passages: the by-passage split trains on two (~40 tokens).
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps({"question": "Who?", "context": f"{name} came.", "answers": [name]}) + "\n"
+                            for name in ("Ann", "Bob", "Cy")))
     flags = [f.format(data=data) for f in flags]
     assert main(["quantize", str(tiny_llama_dir), "--out", str(out), *flags]) == code
     assert message in capsys.readouterr().err

@@ -141,10 +141,10 @@ CASES = {
     "one-shot beyond range": (["distill", "--teacher", "{tiny}", "--out", "{out}", "--shots", "2"],
                               2, "Invalid value for '--shots': 2 is not in the range 0<=x<=1"),
     "student with another tokenizer": (["distill", "--teacher", "{teacher4}", "--student", "{other_tokenizer}",
-                                        "--out", "{out}", "--steps", "1"],
+                                        "--out", "{out}", "--steps", "1", "--data", "embedded"],
                                        4, "does not share the teacher's tokenizer (401 vs 400 tokens"),
     "student larger than teacher": (["distill", "--teacher", "{teacher4}", "--student", "{student6}", "--out", "{out}",
-                                     "--steps", "1"], 4, "not fewer than the teacher's 173,632: choose a smaller student"),
+                                     "--steps", "1", "--data", "embedded"], 4, "not fewer than the teacher's 173,632: choose a smaller student"),
     # quantize
     "quantize bits five": (["quantize", "{tiny}", "--out", "{out}", "--bits", "5"], 2, "bits: 5 is not supported (use 2, 3, 4 or 8)"),
     "quantize group size 100": (["quantize", "{tiny}", "--out", "{out}", "--group-size", "100"],
@@ -326,7 +326,7 @@ def test_explicit_student_needs_no_plan(built, tmp_path, capsys):
     short.write_text(json.dumps({"distill": {"eval_limit": 2, "train_limit": 8}, "evaluate": {"max_new_tokens": 4}}))
     assert main(["plan", "--teacher", built["tiny"]]) == 7
     rc = main(["distill", "--teacher", built["tiny"], "--student", str(student), "--out", str(tmp_path / "d"),
-               "--config", str(short), "--steps", "1", "--json"])
+               "--config", str(short), "--steps", "1", "--data", "embedded", "--json"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     result = json.loads(out)
