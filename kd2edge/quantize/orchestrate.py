@@ -90,7 +90,13 @@ def _capture_first_layer_inputs(model, layers, calib_ids: list[torch.Tensor], de
         calls.append(_LayerCall(hidden, tuple(args[1:]), kwargs))
         raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    _feed_until(model, layers[0].register_forward_pre_hook(hook, with_kwargs=True), calib_ids, device)
+    return calls
+
+
+def _feed_until(model, handle, calib_ids, device) -> None:
+    """Run each calibration sequence through `model` until the pre-hook behind `handle` stops it
+    (it raises _StopForward once it has seen its input), then remove the hook."""
     try:
         for ids in calib_ids:
             try:
@@ -99,7 +105,6 @@ def _capture_first_layer_inputs(model, layers, calib_ids: list[torch.Tensor], de
                 pass
     finally:
         handle.remove()
-    return calls
 
 
 def _layer_output(out: Any) -> torch.Tensor:
@@ -240,15 +245,7 @@ def head_inputs_hessian(model, calib_ids: list[torch.Tensor], device: str = "cpu
         state["H"], state["n"] = accumulate_hessian(state["H"], args[0], state["n"])
         raise _StopForward
 
-    handle = head.register_forward_pre_hook(hook)
-    try:
-        for ids in calib_ids:
-            try:
-                model(ids.reshape(1, -1).to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
+    _feed_until(model, head.register_forward_pre_hook(hook), calib_ids, device)
     return state["H"], state["n"]
 
 
