@@ -34,7 +34,7 @@ def _plan_summary(result: dict) -> str:
 @profile_option
 @config_option
 @click.option("--max-param-fraction", type=float, default=None,
-              help="Largest student share of the teacher's parameters. [default: 0.6]")
+              help="Largest student share of the teacher's parameters. [default: 0.43]")
 @json_option
 def plan(teacher, profile, config_file, max_param_fraction, as_json):
     """List candidate students (teacher cut to fewer layers) with size, KV cache and predicted speed.
@@ -51,7 +51,8 @@ def plan(teacher, profile, config_file, max_param_fraction, as_json):
     artifact = resolve_model(config.teacher)
     result = {"teacher_id": artifact.manifest.get("id", config.teacher), "profile": config.profile.name,
               **plan_student(artifact.path, config.profile, bits=config.quantize.bits,
-                             group_size=config.quantize.group_size,
+                             group_size=config.quantize.group_size, vocab_size=config.distill.vocab_size,
+                             intermediate_size=config.distill.intermediate_size,
                              max_param_fraction=config.distill.max_param_fraction,
                              student_layers=config.distill.student_layers)}
     emit(result, as_json, _plan_summary)
