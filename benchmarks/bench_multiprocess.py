@@ -108,7 +108,7 @@ def main() -> None:
             "data": args.data,
             "distill": {"steps": args.steps, "batch_size": batch, "eval_limit": args.eval_limit,
                         "checkpoint_every": max(1, args.steps // 2), "max_param_fraction": 0.9 if args.teacher is None
-                        else 0.43},
+                        else 0.6},
             "evaluate": {"max_new_tokens": 8}}))
     runs = {"one": _distill(out / "one" / "distill", configs["one"], teacher, []),
             "many": _distill(out / "many" / "distill", configs["many"], teacher,

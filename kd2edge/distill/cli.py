@@ -34,7 +34,7 @@ def _plan_summary(result: dict) -> str:
 @profile_option
 @config_option
 @click.option("--max-param-fraction", type=float, default=None,
-              help="Largest student share of the teacher's parameters. [default: 0.43]")
+              help="Largest student share of the teacher's parameters. [default: 0.6]")
 @json_option
 def plan(teacher, profile, config_file, max_param_fraction, as_json):
     """List candidate students (teacher cut to fewer layers) with size, KV cache and predicted speed.
