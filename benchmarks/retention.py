@@ -37,7 +37,7 @@ VARIANTS = {
                    {**MEDIUM, "distill.intermediate_size": 1024}),
     "medium-w19": ("width and depth: 19 layers with MLPs of 768 neurons, the same budget",
                    {**MEDIUM, "distill.intermediate_size": 768}),
-    "light": ("lighter pruning: 60% of the teacher's parameters (about 20 of 30 layers)",
+    "light": ("lighter pruning: 60% of the teacher's parameters (18 of 30 layers; the default since)",
               {"distill.max_param_fraction": 0.6}),
     "long": ("the long recipe", {"distill.steps": 360}),
 }
