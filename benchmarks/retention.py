@@ -39,6 +39,7 @@ VARIANTS = {
                    {**MEDIUM, "distill.intermediate_size": 768}),
     "light": ("lighter pruning: 60% of the teacher's parameters (18 of 30 layers; the default since)",
               {"distill.max_param_fraction": 0.6}),
+    "light-80": ("the default student, twice the steps (kd2edge run --steps 80)", {"distill.max_param_fraction": 0.6, "distill.steps": 80}),
     "long": ("the long recipe", {"distill.steps": 360}),
 }
 
