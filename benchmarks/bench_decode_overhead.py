@@ -24,7 +24,6 @@ between ops; 0: they sleep); only the new runtime takes it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -58,15 +57,9 @@ class TimedSession:
 
 def load_runtime(kind: str, baseline_src: Path | None):
     """The OnnxLM class of this tree ("new") or of --baseline-src ("base")."""
-    if kind == "new":
-        from kd2edge.runtime.lm import OnnxLM
+    from bench_vs_llamacpp import onnxlm_class     # a sibling script: its folder is on sys.path
 
-        return OnnxLM
-    spec = importlib.util.spec_from_file_location("kd2edge_base_lm", baseline_src / "kd2edge" / "runtime" / "lm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kd2edge_base_lm"] = module                 # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module.OnnxLM
+    return onnxlm_class(None if kind == "new" else baseline_src)
 
 
 def prompt_ids(encode, length: int) -> list[int]:
