@@ -132,7 +132,7 @@ def _check_processes(d, group: Ranks) -> None:
 def _distributed(d, group: Ranks, result, cache_info: dict | None) -> dict:
     """The manifest's `distributed`: processes, backend, global batch, each process's share, the
     teacher-logit cache (where, reused or computed by how many processes)."""
-    cache = dict(cache_info or {}, folder=d.teacher_cache) if cache_info else None
+    cache = dict(cache_info, folder=d.teacher_cache) if cache_info else None
     return {"num_processes": group.world, "backend": group.backend, "global_batch": d.batch_size * d.grad_accum * group.world,
             "per_process": result.per_process, "teacher_cache": cache}
 
