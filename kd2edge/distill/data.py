@@ -251,7 +251,7 @@ def teacher_targets(teacher, teacher_tokenizer, student_tokenizer, items: Sequen
                     examples: list, skipped: int, work: Path, *, sequence_kd: bool, logits: bool, vocab_size: int,
                     topk: int, kd_positions: str, old_ids: Sequence[int] | None, max_length: int,
                     max_new_tokens: int, teacher_hash: str = "", cache_dir: Path | None = None,
-                    group: Ranks | None = None):
+                    group: Ranks | None = None, bf16: bool = False):
     """What the student learns from the teacher: its own answers as targets (sequence-level KD, when
     asked) and its top-k logits at the scored positions, both cached in the work dir `work`.
 
@@ -259,7 +259,7 @@ def teacher_targets(teacher, teacher_tokenizer, student_tokenizer, items: Sequen
         teacher_tokenizer, student_tokenizer: the same one unless the student's vocabulary is trimmed.
         examples, skipped: the training examples so far, in student ids (replaced with sequence-level KD).
         logits: whether the loss reads the teacher's logits (not for loss "none" or 0 steps).
-        vocab_size, topk, kd_positions, old_ids: see `compute_teacher_logits`.
+        vocab_size, topk, kd_positions, old_ids, bf16: see `compute_teacher_logits`.
         max_length, max_new_tokens: sequence limit; the teacher's answer length (sequence-level KD).
         teacher_hash: the teacher's content hash (part of the logits cache's key).
         cache_dir: where the logits are cached (a folder shared across runs); default `work`.
@@ -280,13 +280,14 @@ def teacher_targets(teacher, teacher_tokenizer, student_tokenizer, items: Sequen
         cache, info = cached_teacher_logits(cache_dir or work, teacher, examples, teacher_hash=teacher_hash,
                                             group=group, vocab_size=vocab_size, topk=topk,
                                             pad_id=student_tokenizer.pad_token_id, kd_positions=kd_positions,
-                                            old_ids=old_ids)
+                                            old_ids=old_ids, bf16=bf16)
+        info = dict(info, precision="bf16 layers, fp32 head" if bf16 else "fp32")
     return examples, skipped, cache, info
 
 
 def compute_teacher_logits(teacher, examples: Sequence[TrainExample], *, vocab_size: int, topk: int, pad_id: int,
                            kd_positions: str = "answer", old_ids: Sequence[int] | None = None, batch_size: int = 8,
-                           progress: bool = True) -> list:
+                           bf16: bool = False, progress: bool = True) -> list:
     """The teacher's logits at each example's scored positions (the answer's, or all of them).
 
     Args:
@@ -301,6 +302,8 @@ def compute_teacher_logits(teacher, examples: Sequence[TrainExample], *, vocab_s
             (`kd2edge.distill.vocab`): the teacher reads the student's token sequence in its own
             ids and its logits are taken at the kept columns, in the student's order, so every
             index in the cache is a student id.
+        bf16: the teacher's decoder layers under bf16 autocast, its head in fp32 (`scored_logits`):
+            about half the time on hardware with bf16 arithmetic; part of the cache's key.
 
     Returns:
         Per example: TopK(values [n_i, k], indices [n_i, k]) or a tensor [n_i, V], n_i its scored positions.
@@ -318,10 +321,10 @@ def compute_teacher_logits(teacher, examples: Sequence[TrainExample], *, vocab_s
             idx = order[start:start + batch_size]
             batch = collate([examples[i] for i in idx], pad_id, kd_positions)
             if to_teacher is None:
-                logits, _ = scored_logits(teacher, batch, vocab_size)                 # [N, V]
+                logits, _ = scored_logits(teacher, batch, vocab_size, bf16)           # [N, V]
             else:
                 batch["input_ids"] = to_teacher[batch["input_ids"]]                  # student ids -> teacher ids
-                logits, _ = scored_logits(teacher, batch, teacher.config.vocab_size)  # [N, V_teacher]
+                logits, _ = scored_logits(teacher, batch, teacher.config.vocab_size, bf16)  # [N, V_teacher]
                 logits = logits.index_select(-1, to_teacher)                          # [N, V_student]
             counts = [examples[i].scored_positions(kd_positions) for i in idx]
             if topk:
@@ -338,11 +341,12 @@ def compute_teacher_logits(teacher, examples: Sequence[TrainExample], *, vocab_s
 
 def teacher_cache_key(teacher_hash: str, examples: Sequence[TrainExample], **kwargs) -> str:
     """What decides the cached rows: the teacher (its content hash), the token ids, top-k, the scored
-    positions and the student's vocabulary (old_ids)."""
+    positions, the student's vocabulary (old_ids) and the teacher's precision (bf16)."""
     import hashlib
 
     blob = json.dumps([teacher_hash, [e.input_ids for e in examples], kwargs.get("topk"),
-                       kwargs.get("kd_positions", "answer"), list(kwargs.get("old_ids") or [])])
+                       kwargs.get("kd_positions", "answer"), list(kwargs.get("old_ids") or [])]
+                      + (["bf16"] if kwargs.get("bf16") else []))   # fp32 keys as before bf16 existed
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -44,7 +44,7 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact 
 
     from kd2edge.distill import data
     from kd2edge.distill.student import build_student
-    from kd2edge.distill.train import train_student
+    from kd2edge.distill.train import resolve_mixed_precision, train_student
     from kd2edge.models import load_causal_lm, load_tokenizer
     from kd2edge.scoring.evaluator import prepare
 
@@ -79,7 +79,8 @@ def run(config: RunConfig, input_artifact: Artifact, out_dir: Path) -> Artifact 
             logits=d.loss != "none" and d.steps > 0, vocab_size=built["vocab"], topk=d.topk_logits,
             kd_positions=d.kd_positions, old_ids=vocab.old_ids, max_length=d.max_length,
             max_new_tokens=ev.max_new_tokens, teacher_hash=input_artifact.content_hash,
-            cache_dir=Path(d.teacher_cache) if d.teacher_cache else None, group=group)
+            cache_dir=Path(d.teacher_cache) if d.teacher_cache else None, group=group,
+            bf16=resolve_mixed_precision(d.mixed_precision) == "bf16")
     del teacher
     with clock("eval_before_s"):   # the other processes wait for the main one in the training's first step
         before = cached_json(work / "score_before.json",

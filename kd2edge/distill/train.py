@@ -147,22 +147,28 @@ def teacher_rows(cache: list, indices: list[int], device):
     return torch.cat(rows).to(device).float()
 
 
-def scored_logits(model, batch: dict, vocab_size: int):
+def scored_logits(model, batch: dict, vocab_size: int, body_bf16: bool = False):
     """Logits of a causal LM at the batch's scored positions only.
 
     Args:
         model: a transformers causal LM.
         batch: input_ids, attention_mask, labels and scored, each [B, L] (`collate`).
         vocab_size: real vocabulary (len(tokenizer)); padded embedding rows are sliced off.
+        body_bf16: run the decoder layers under bf16 autocast and the head in fp32 (the teacher's
+            cached logits: most of the compute at bf16 speed, the logits' last step exact).
 
     Returns:
         (logits [N, V], labels [N]) with N the scored positions in the batch (row-major order),
         labels IGNORE_INDEX where a scored position is not an answer token.
     """
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).last_hidden_state                      # [B, L, H]
+    import torch
+
+    device = batch["input_ids"].device.type
+    with torch.autocast(device, dtype=torch.bfloat16) if body_bf16 else contextlib.nullcontext():
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state                  # [B, L, H]
     keep = batch["scored"]                                                             # [B, L]
-    selected = hidden[keep]                                                            # [N, H], row-major
+    selected = hidden[keep].float() if body_bf16 else hidden[keep]                     # [N, H], row-major
     logits = model.get_output_embeddings()(selected)[:, :vocab_size]                   # [N, V]
     return logits, batch["labels"][keep]
 
@@ -187,15 +193,33 @@ def scored_logits_module(model, vocab_size: int):
     return ScoredLogits()
 
 
-def resolve_mixed_precision(requested: str) -> str:
-    """'auto' -> bf16 on a GPU that supports it, fp16 on an older GPU, 'no' (fp32) on CPU."""
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 arithmetic in hardware (AVX512-BF16 or AMX), where autocast to bf16
+    roughly halves a training step (measured on a 2-core Zen 4: 10-11.5 s -> 5.8 s for an 18-layer
+    SmolLM2 student at 8 x 340 tokens); elsewhere bf16 is emulated and slower than fp32."""
     import torch
 
-    if requested != "auto":
-        return requested if torch.cuda.is_available() else "no"
-    if not torch.cuda.is_available():
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """The precision training runs at.
+
+    'auto' -> bf16 on a GPU that supports it, fp16 on an older GPU, bf16 on a CPU with bf16 in
+    hardware, otherwise 'no' (fp32). An explicit 'bf16' runs on any device; 'fp16' needs a GPU
+    (CPU: 'no'). Master weights and optimizer state stay fp32 either way (autocast).
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "no"
+    if requested == "fp16" and not cuda:
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return requested
 
 
 def _rng_state() -> dict:
@@ -335,7 +359,7 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list | Non
         lr, warmup_ratio, max_grad_norm: AdamW learning rate, linear warmup share, gradient clipping.
         seed: decides initialization order of data and RNGs.
         work_dir: where `checkpoint.pt` lives; checkpoint_every: steps between checkpoints.
-        mixed_precision: "auto", "no", "bf16" or "fp16" (CPU always runs fp32).
+        mixed_precision: "auto", "no", "bf16" or "fp16" (`resolve_mixed_precision`).
         kd_positions: "all" (the divergence at every position, cross-entropy on the answer) or
             "answer" (both on the answer tokens only); the cache must hold the same positions.
         on_step: called after each optimizer step with (step, history row).
@@ -355,7 +379,12 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list | Non
 
     group = ranks()
     precision = resolve_mixed_precision(mixed_precision)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    cpu = not torch.cuda.is_available()
+    # accelerate holds one precision per process (AcceleratorState) and refuses a second: on CPU the
+    # bf16 autocast is applied here, so a later Accelerator in this process (GRPO's trainer) still starts.
+    accelerator = Accelerator(mixed_precision="no" if cpu else precision, cpu=cpu)
+    autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cpu and precision == "bf16"
+                else accelerator.autocast)
     warnings = _parallelism_warnings(accelerator)
     random.seed(seed)
     torch.manual_seed(seed)
@@ -393,7 +422,7 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list | Non
             # DDP averages gradients over the processes once per step, at the last micro-batch.
             sync = accelerator.no_sync(wrapped) if a < grad_accum - 1 else contextlib.nullcontext()
             with sync:
-                with accelerator.autocast():
+                with autocast():
                     logits, labels = wrapped(**batch)                                  # [N, V], [N]
                 teacher = teacher_rows(teacher_cache, idx, accelerator.device) if teacher_cache is not None else None
                 m_kd, m_ce = len(labels), int((labels != IGNORE_INDEX).sum())

@@ -237,3 +237,43 @@ def test_a_width_pruned_student_keeps_fewer_mlp_neurons_and_the_plan_counts_them
     assert config["intermediate_size"] == 64 and "[MLP 64 of 128]" in m.metrics["student"]["id"]
     assert m.metrics["plan"]["assumptions"]["intermediate_size"] == 64
     assert m.metrics["student"]["params"] == m.metrics["plan"]["choice"]["params"]
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "no")])
+def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_has_it(monkeypatch, native, expected):
+    from kd2edge.distill import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    assert train.resolve_mixed_precision("auto") == expected
+    assert train.resolve_mixed_precision("bf16") == "bf16"     # asked for: runs (emulated where not native)
+    assert train.resolve_mixed_precision("fp16") == "no"       # fp16 autocast wants a GPU
+    assert train.resolve_mixed_precision("no") == "no"
+
+
+def test_bf16_teacher_logits_are_close_to_fp32_and_keyed_apart(teachers):
+    """bf16 decoder layers with an fp32 head: the cached rows stay within bf16's rounding of the fp32
+    ones, and the cache never hands one precision's rows to the other."""
+    from kd2edge.distill.data import compute_teacher_logits, teacher_cache_key
+    from kd2edge.distill.train import TrainExample
+    from kd2edge.models import load_causal_lm
+
+    teacher, _ = load_causal_lm(teachers["llama"])
+    example = TrainExample((5, 17, 3, 40, 2, 9, 11), (-100, -100, -100, 2, 9, -100, -100))
+    kwargs = dict(vocab_size=400, topk=0, pad_id=0, kd_positions="all", progress=False)
+    (fp32,) = compute_teacher_logits(teacher, [example], **kwargs)
+    (bf16,) = compute_teacher_logits(teacher, [example], bf16=True, **kwargs)
+    assert fp32.shape == bf16.shape == (6, 400)
+    diff = (fp32.float() - bf16.float()).abs()
+    assert 0 < diff.max() < 0.05 * fp32.float().abs().max()
+    assert teacher_cache_key("t", [example], topk=0) != teacher_cache_key("t", [example], topk=0, bf16=True)
+    assert teacher_cache_key("t", [example], topk=0) == teacher_cache_key("t", [example], topk=0, bf16=False)
+
+
+def test_bf16_training_on_cpu_is_recorded_and_learns(teachers, tmp_path):
+    m = _run(teachers["llama"], tmp_path / "distill", **{"distill.steps": 12, "distill.kd_ratio": 1.0,
+                                                        "distill.lr": 3e-3, "distill.mixed_precision": "bf16"}
+             ).artifact.metrics
+    assert m["train"]["mixed_precision"] == "bf16"
+    assert m["distributed"]["teacher_cache"]["precision"] == "bf16 layers, fp32 head"
+    assert m["kd_loss_last"] < 0.8 * m["kd_loss_first"]
