@@ -40,7 +40,18 @@ VARIANTS = {
     "light": ("lighter pruning: 60% of the teacher's parameters (18 of 30 layers; the default since)",
               {"distill.max_param_fraction": 0.6}),
     "light-80": ("the default student, twice the steps (kd2edge run --steps 80)", {"distill.max_param_fraction": 0.6, "distill.steps": 80}),
-    "long": ("the long recipe", {"distill.steps": 360}),
+    "light-0shot": ("the default student trained on zero-shot prompts (half the tokens), scored one-shot",
+                    {"distill.max_param_fraction": 0.6, "distill.shots": 0}),
+    "long": ("the defaults at 9x the steps", {"distill.steps": 360}),
+    # The study's compression (>= 57% fewer parameters than the teacher) at the default 40 steps:
+    # depth only (12 layers) against depth and width at the same budget.
+    "study-12": ("12 layers (max_param_fraction 0.43), 40 steps", {"distill.max_param_fraction": 0.43}),
+    "study-w16": ("16 layers with MLPs of 1024 neurons (0.43), 40 steps",
+                  {"distill.max_param_fraction": 0.43, "distill.intermediate_size": 1024}),
+    "study-w19": ("19 layers with MLPs of 768 neurons (0.43), 40 steps",
+                  {"distill.max_param_fraction": 0.43, "distill.intermediate_size": 768}),
+    # A shipped recipe, read from kd2edge/recipes/ as `kd2edge run --config study` reads it.
+    "study": ("the shipped recipe `--config study`", "recipe:study"),
 }
 
 
@@ -93,7 +104,7 @@ def main(argv=None) -> int:
             print(f"{name:10s} {what}: {json.dumps(overrides)}")
         return 0
 
-    from kd2edge.config import load_config
+    from kd2edge.config import config_path, load_config
     from kd2edge.models import resolve_model
     from kd2edge.pipeline import run_stage
 
@@ -109,8 +120,12 @@ def main(argv=None) -> int:
         teacher_file.write_text(json.dumps(teacher_records))
     for name in args.variants.split(","):
         what, overrides = VARIANTS[name]
-        config = load_config(profile=args.profile, overrides={
-            "distill.teacher_cache": str(args.out / "teacher-cache"), "seed": args.seed, **overrides, **extra})
+        recipe = overrides.removeprefix("recipe:") if isinstance(overrides, str) else None
+        if recipe:
+            overrides = {"recipe": recipe}
+        config = load_config(config_path(recipe) if recipe else None, profile=args.profile, overrides={
+            "distill.teacher_cache": str(args.out / "teacher-cache"), "seed": args.seed,
+            **({} if recipe else overrides), **extra})
         started = time.perf_counter()
         result = run_stage("distill", config, teacher, args.out / name / "distill")
         seconds = time.perf_counter() - started

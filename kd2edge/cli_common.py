@@ -18,7 +18,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 profile_option = click.option("--profile", "-p", "profile", default=None, metavar="NAME|FILE",
                               help="Device profile name (kd2edge profiles list) or a .toml file. [default: laptop-cpu]")
 config_option = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-                             help="A run config file (JSON or TOML, as written by --print-config).")
+                             metavar="FILE|RECIPE",
+                             help="A run config file (JSON or TOML, as written by --print-config), or the name "
+                                  "of a shipped recipe (study: the study's compression, about an hour of CPU).")
 
 
 # The flags that start a command's processes through accelerate's launcher (`kd2edge.distributed`).

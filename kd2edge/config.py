@@ -73,7 +73,7 @@ def load_config(file: str | Path | None = None, profile: str | None = None,
     """
     data: dict[str, Any] = {}
     if file is not None:
-        data = _read_file(Path(file))
+        data = _read_file(config_path(file))
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -127,6 +127,28 @@ def data_leak_warning(config: RunConfig) -> str | None:
 def dump_config(config: RunConfig) -> str:
     """The config as JSON, loadable again with `load_config(file=...)`."""
     return json.dumps(to_dict(config), indent=2) + "\n"
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes: partial run configs (`kd2edge/recipes/*.toml`)."""
+    return Path(__file__).parent / "recipes"
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file by path, or a shipped recipe by name (`--config study`), as profiles are found.
+
+    Raises:
+        ConfigError: neither a file nor a recipe's name (the message lists the recipes).
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".toml", ".json") or path.exists():
+        return path
+    recipe = recipes_dir() / f"{name_or_path}.toml"
+    if recipe.is_file():
+        return recipe
+    known = ", ".join(p.stem for p in sorted(recipes_dir().glob("*.toml")))
+    raise ConfigError(f"no config file or recipe {str(name_or_path)!r} (recipes: {known}; or give a .toml/.json path)",
+                      source="config")
 
 
 def _read_file(path: Path) -> dict:

@@ -67,3 +67,17 @@ def test_a_single_local_file_for_training_and_evaluation_is_warned(tmp_path):
     split = load_config(overrides={"data": path + "@all", "evaluate.data": path + "@validation"})
     assert data_leak_warning(split) is None
     assert data_leak_warning(load_config()) is None
+
+
+def test_every_shipped_recipe_is_a_valid_config_found_by_name():
+    """`--config NAME` reads kd2edge/recipes/NAME.toml; each one loads (unknown keys would be errors)
+    and changes something from the defaults."""
+    from kd2edge.config import config_path, load_config, recipes_dir
+
+    recipes = sorted(p.stem for p in recipes_dir().glob("*.toml"))
+    assert "study" in recipes
+    for name in recipes:
+        assert config_path(name) == recipes_dir() / f"{name}.toml"
+        assert load_config(name) != load_config()
+    study = load_config("study").distill
+    assert study.max_param_fraction <= 0.43   # the study's compression: >= 57% fewer parameters

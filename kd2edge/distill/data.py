@@ -324,8 +324,8 @@ def compute_teacher_logits(teacher, examples: Sequence[TrainExample], *, vocab_s
                 logits, _ = scored_logits(teacher, batch, vocab_size, bf16)           # [N, V]
             else:
                 batch["input_ids"] = to_teacher[batch["input_ids"]]                  # student ids -> teacher ids
-                logits, _ = scored_logits(teacher, batch, teacher.config.vocab_size, bf16)  # [N, V_teacher]
-                logits = logits.index_select(-1, to_teacher)                          # [N, V_student]
+                # the head's kept rows only: half the teacher's head for a half-size vocabulary
+                logits, _ = scored_logits(teacher, batch, vocab_size, bf16, columns=to_teacher)  # [N, V_student]
             counts = [examples[i].scored_positions(kd_positions) for i in idx]
             if topk:
                 values, indices = logits.float().topk(min(topk, vocab_size), dim=-1)  # [N, k]

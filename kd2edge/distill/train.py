@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from kd2edge.distill.losses import IGNORE_INDEX, TopK, kd_loss
 from kd2edge.distributed import Ranks, ranks
@@ -112,19 +112,59 @@ def collate(examples: list[TrainExample], pad_id: int, kd_positions: str = "answ
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "scored": scored}
 
 
-def micro_batch_indices(n_examples: int, batch_size: int, micro_batch: int, seed: int) -> list[int]:
-    """Example indices of micro-batch number `micro_batch`: consecutive slices of per-epoch permutations.
+# Length grouping: how many global batches are sorted by length together (`epoch_order`).
+GROUP_BATCHES = 8
 
-    A pure function of its arguments, so a resumed run sees exactly the batches it would have.
+
+def epoch_order(n_examples: int, epoch: int, seed: int, lengths: Sequence[int] | None = None,
+                global_batch: int = 1) -> list[int]:
+    """The order in which one epoch reads the examples: a seeded permutation, length-grouped.
+
+    With `lengths`, the permutation is cut into chunks of GROUP_BATCHES global batches, each chunk
+    sorted by length and cut into global batches, and the full batches shuffled (a short last one
+    stays last). A micro-batch, a consecutive slice of a global batch, then holds sequences of
+    similar length, so right padding wastes little: on the default run's XQuAD training sequences,
+    padded / real tokens 1.36 -> 1.06 at 8 per micro-batch. The grouping depends on the global
+    batch only, so W processes at batch B/W still read what one process reads at batch B.
+
+    Args:
+        n_examples: examples in the epoch.
+        epoch, seed: the permutation's seed is a function of both.
+        lengths: per example, its token count; None: the plain permutation.
+        global_batch: sequences per optimizer step over all micro-batches and processes.
+
+    Returns:
+        A permutation of range(n_examples).
     """
     import torch
 
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_examples, generator=generator).tolist()
+    if lengths is None or global_batch <= 1:
+        return perm
+    chunk = GROUP_BATCHES * global_batch
+    batches = []
+    for start in range(0, n_examples, chunk):
+        part = sorted(perm[start:start + chunk], key=lambda i: lengths[i])
+        batches += [part[j:j + global_batch] for j in range(0, len(part), global_batch)]
+    last = [batches.pop()] if len(batches[-1]) < global_batch else []
+    shuffled = [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()] + last
+    return [i for batch in shuffled for i in batch]
+
+
+def micro_batch_indices(n_examples: int, batch_size: int, micro_batch: int, seed: int,
+                        lengths: Sequence[int] | None = None, global_batch: int = 1) -> list[int]:
+    """Example indices of micro-batch number `micro_batch`: consecutive slices of the epochs' orders
+    (`epoch_order`; `lengths` and `global_batch` group them by length).
+
+    A pure function of its arguments, so a resumed run sees exactly the batches it would have.
+    """
     start = micro_batch * batch_size
     out = []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n_examples)
-        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.extend(perm[offset:offset + batch_size - len(out)].tolist())
+        order = epoch_order(n_examples, epoch, seed, lengths, global_batch)
+        out.extend(order[offset:offset + batch_size - len(out)])
     return out
 
 
@@ -147,7 +187,7 @@ def teacher_rows(cache: list, indices: list[int], device):
     return torch.cat(rows).to(device).float()
 
 
-def scored_logits(model, batch: dict, vocab_size: int, body_bf16: bool = False):
+def scored_logits(model, batch: dict, vocab_size: int, body_bf16: bool = False, columns=None):
     """Logits of a causal LM at the batch's scored positions only.
 
     Args:
@@ -156,6 +196,8 @@ def scored_logits(model, batch: dict, vocab_size: int, body_bf16: bool = False):
         vocab_size: real vocabulary (len(tokenizer)); padded embedding rows are sliced off.
         body_bf16: run the decoder layers under bf16 autocast and the head in fp32 (the teacher's
             cached logits: most of the compute at bf16 speed, the logits' last step exact).
+        columns: [V'] long tensor, the head rows to compute, in this order (a trimmed student's
+            teacher ids: the teacher's logits at the kept tokens only); None: rows 0..vocab_size-1.
 
     Returns:
         (logits [N, V], labels [N]) with N the scored positions in the batch (row-major order),
@@ -169,7 +211,12 @@ def scored_logits(model, batch: dict, vocab_size: int, body_bf16: bool = False):
                                   use_cache=False).last_hidden_state                  # [B, L, H]
     keep = batch["scored"]                                                             # [B, L]
     selected = hidden[keep].float() if body_bf16 else hidden[keep]                     # [N, H], row-major
-    logits = model.get_output_embeddings()(selected)[:, :vocab_size]                   # [N, V]
+    head = model.get_output_embeddings()
+    if columns is not None:
+        rows = head.weight.index_select(0, columns)                                    # [V', H]
+        bias = head.bias.index_select(0, columns) if head.bias is not None else None
+        return torch.nn.functional.linear(selected, rows, bias), batch["labels"][keep]  # [N, V']
+    logits = head(selected)[:, :vocab_size]                                            # [N, V]
     return logits, batch["labels"][keep]
 
 
@@ -316,8 +363,9 @@ def step_positions(examples: list[TrainExample], step: int, *, batch_size: int, 
     Every process computes them alone: the micro-batches are a pure function of their number.
     """
     n_kd = n_ce = 0
+    lengths, global_batch = [len(e.input_ids) for e in examples], batch_size * grad_accum * world
     for micro in range(step * grad_accum * world, (step + 1) * grad_accum * world):
-        for i in micro_batch_indices(len(examples), batch_size, micro, seed):
+        for i in micro_batch_indices(len(examples), batch_size, micro, seed, lengths, global_batch):
             n_kd += examples[i].scored_positions(kd_positions)
             n_ce += examples[i].answer_positions
     return n_kd, n_ce
@@ -404,6 +452,7 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list | Non
     result = TrainResult(history=history, resumed_from=start_step, mixed_precision=precision,
                          num_processes=group.world, warnings=warnings)
     rank, world = group.rank, group.world
+    lengths = [len(e.input_ids) for e in examples]   # micro-batches grouped by length (`epoch_order`)
     trace = os.environ.get(TRACE_ENV)
     sequences = 0
     started = time.perf_counter()
@@ -415,7 +464,7 @@ def train_student(model, examples: list[TrainExample], teacher_cache: list | Non
         sums = [0.0, 0.0, 0.0]   # this process's share of the step's loss, kd x positions, ce x positions
         for a in range(grad_accum):
             micro = (step * grad_accum + a) * world + rank
-            idx = micro_batch_indices(len(examples), batch_size, micro, seed)
+            idx = micro_batch_indices(len(examples), batch_size, micro, seed, lengths, batch_size * grad_accum * world)
             _trace(trace, rank, step, micro, idx)
             batch = collate([examples[i] for i in idx], pad_id, positions)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}

@@ -21,7 +21,7 @@ from kd2edge.cli_common import config_option, emit, info, json_option, profile_o
 @click.option("--sym/--no-sym", default=None, help="Symmetric grid. [default: the profile's]")
 @click.option("--head", type=click.Choice(["gptq", "rtn", "float"]), default=None,
               help="The output head (tied: the embedding too) in 4 bits by GPTQ or RTN, or float. [default: gptq]")
-@click.option("--calib-samples", type=int, default=None, help="Calibration prompts from the data's train split. [default: 128]")
+@click.option("--calib-samples", type=int, default=None, help="Calibration prompts from the data's train split. [default: 64]")
 @click.option("--data", default=None, help="Calibration data: 'embedded', a hub id or a SQuAD JSON / JSONL file.")
 @click.option("--force", is_flag=True, help="Quantize again even if --out is up to date.")
 @json_option

@@ -50,6 +50,7 @@ def profile_cases(tmp_path):
                                            2, "min_retention: 7.0 is above the maximum"),
         "config file missing": (["run", "--config", str(tmp_path / "none.json")], 2, "cannot read config file"),
         "config file not JSON": (["run", "--config", write(tmp_path, "c.json", "{")], 2, "not valid JSON"),
+        "config neither file nor recipe": (["run", "--config", "studdy"], 2, "no config file or recipe 'studdy' (recipes: study"),
         "config unknown section": (["run", "--config", write(tmp_path, "c2.json", json.dumps({"quantise": {}}))], 2, "quantise: unknown key"),
         "config wrong type": (["run", "--config", write(tmp_path, "c3.json", json.dumps({"seed": "zero"}))], 2, "seed: expected a whole number"),
         "bits out of range": (["run", "--config", write(tmp_path, "c4.json", json.dumps({"quantize": {"bits": 5}}))], 2, "bits: 5 is not supported"),
