@@ -280,7 +280,7 @@ def test_the_teacher_cache_is_written_once(runs):
     files = sorted(p.name for p in cache.iterdir() if not p.name.startswith(".launch-probe"))
     assert len(files) == 1 and files[0].startswith("teacher_logits-"), files   # no part or temporary file left
     info = Artifact.load(runs["two"]).metrics["distributed"]["teacher_cache"]
-    assert info == {"file": files[0], "reused": False, "processes": 2, "folder": str(cache)}
+    assert info == {"file": files[0], "reused": False, "processes": 2, "folder": str(cache), "precision": "fp32"}
     # The one-process run computed the same rows (the same key) in its own work folder.
     assert runs["one"].metrics["distributed"]["teacher_cache"]["file"] == files[0]
 
