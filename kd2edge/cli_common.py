@@ -20,7 +20,7 @@ profile_option = click.option("--profile", "-p", "profile", default=None, metava
 config_option = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                              metavar="FILE|RECIPE",
                              help="A run config file (JSON or TOML, as written by --print-config), or the name "
-                                  "of a shipped recipe (study: the study's compression, about an hour of CPU).")
+                                  "of a shipped recipe (study: the study's compression, about 70 min on 2 cores).")
 
 
 # The flags that start a command's processes through accelerate's launcher (`kd2edge.distributed`).
