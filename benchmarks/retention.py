@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             print(f"{name:10s} {what}: {json.dumps(overrides)}")
         return 0
 
-    from kd2edge.config import config_path, load_config
+    from kd2edge.config import load_config
     from kd2edge.models import resolve_model
     from kd2edge.pipeline import run_stage
 
@@ -120,12 +120,13 @@ def main(argv=None) -> int:
         teacher_file.write_text(json.dumps(teacher_records))
     for name in args.variants.split(","):
         what, overrides = VARIANTS[name]
+        # A recipe variant is the recipe's file, found by name as `--config NAME` finds it.
         recipe = overrides.removeprefix("recipe:") if isinstance(overrides, str) else None
-        if recipe:
-            overrides = {"recipe": recipe}
-        config = load_config(config_path(recipe) if recipe else None, profile=args.profile, overrides={
+        config = load_config(recipe, profile=args.profile, overrides={
             "distill.teacher_cache": str(args.out / "teacher-cache"), "seed": args.seed,
             **({} if recipe else overrides), **extra})
+        if recipe:
+            overrides = {"recipe": recipe}   # what the results row records
         started = time.perf_counter()
         result = run_stage("distill", config, teacher, args.out / name / "distill")
         seconds = time.perf_counter() - started
